@@ -1,0 +1,341 @@
+"""Data sources -> ``tf.data`` pipelines, with the preprocessing made explicit.
+
+DATA is one of:
+- an ``.npz`` with arrays ``x`` (samples) and ``y`` (integer labels, or one-hot rows);
+- an image folder with one sub-folder per class (sorted names are the class indices, as in
+  ``image_dataset_from_directory``); non-image and corrupt files are skipped with one warning that counts them;
+- a built-in name that an installed package ships: ``digits`` (scikit-learn's 8x8 handwritten digits, 1797 samples,
+  pixels scaled to 0-255), ``digits:train`` (a fixed stratified 80%) and ``digits:val`` (the other 20%).
+
+No hidden preprocessing: npz arrays reach the model as stored, images as float pixels 0-255 resized to the model's
+input size. :class:`Preprocess` (``x * scale + offset``, then ``(x - mean) / std``) is the only transformation, and
+the same pipeline feeds Keras evaluation, calibration and TFLite evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from kcompress._keras import tf
+from kcompress.errors import KcompressError, UsageError
+
+__all__ = ["Preprocess", "DataSource", "open_data", "BUILTIN_DATASETS", "check_fits"]
+
+BUILTIN_DATASETS = ("digits", "digits:train", "digits:val")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"GIF8")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """``x * scale + offset``, then ``(x - mean) / std`` (per channel when mean/std are sequences)."""
+
+    scale: float = 1.0
+    offset: float = 0.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.scale == 1.0 and self.offset == 0.0 and set(self.mean) == {0.0} and set(self.std) == {1.0}
+
+    def apply(self, x):
+        if self.is_identity:
+            return x
+        x = x * self.scale + self.offset
+        mean = tf.constant(self.mean, tf.float32)
+        std = tf.constant(self.std, tf.float32)
+        return (x - mean) / std
+
+    def to_dict(self) -> dict:
+        return {"scale": self.scale, "offset": self.offset, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def parse(cls, scale=None, offset=None, mean=None, std=None) -> "Preprocess":
+        """From CLI strings: ``mean``/``std`` may be one number or comma-separated per-channel values."""
+
+        def floats(s, default):
+            if s is None or s == "":
+                return default
+            try:
+                return tuple(float(v) for v in str(s).split(","))
+            except ValueError:
+                raise UsageError(f"expected a number or comma-separated numbers, got {s!r}") from None
+
+        p = cls(
+            scale=float(scale) if scale is not None else 1.0,
+            offset=float(offset) if offset is not None else 0.0,
+            mean=floats(mean, (0.0,)),
+            std=floats(std, (1.0,)),
+        )
+        if any(s == 0 for s in p.std):
+            raise UsageError("--std must not be 0")
+        return p
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A labelled data set, opened but not loaded: :meth:`dataset` streams it.
+
+    ``labels`` holds every label (small even for large sets); the samples themselves are read batch by batch.
+    """
+
+    name: str
+    kind: str  # "npz", "folder", "builtin"
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    sample_shape: Optional[tuple[int, ...]]  # None for image folders (images come in any size)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    _arrays: Optional[np.ndarray] = field(default=None, repr=False)
+    _files: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return int(len(self.labels))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=self.num_classes)
+        return {name: int(c) for name, c in zip(self.class_names, counts)}
+
+    def with_preprocess(self, preprocess: Preprocess) -> "DataSource":
+        return DataSource(
+            self.name, self.kind, self.labels, self.class_names, self.sample_shape, preprocess, self._arrays, self._files
+        )
+
+    def dataset(
+        self,
+        input_shape: Sequence[Optional[int]],
+        batch_size: int = 32,
+        shuffle: bool = False,
+        seed: int = 0,
+        limit: Optional[int] = None,
+        repeat: bool = False,
+    ):
+        """A ``tf.data.Dataset`` of ``(x float32 [B, *input_shape], y int32 [B])``.
+
+        ``input_shape`` is the model's input shape without the batch axis; images are resized and given its
+        channel count. ``limit`` takes the first N samples (after shuffling, when shuffling).
+        """
+        n = self.num_samples if limit is None else min(limit, self.num_samples)
+        order = np.arange(self.num_samples)
+        if shuffle:
+            order = np.random.default_rng(seed).permutation(self.num_samples)
+        order = order[:n]
+        labels = self.labels[order].astype(np.int32)
+        if self.kind == "folder":
+            h, w, c = _image_hwc(input_shape)
+            files = np.asarray(self._files)[order]
+            ds = tf.data.Dataset.from_tensor_slices((files, labels))
+
+            def load(path, y):
+                raw = tf.io.read_file(path)
+                img = tf.io.decode_image(raw, channels=c, expand_animations=False)
+                img = tf.image.resize(tf.cast(img, tf.float32), (h, w))
+                img.set_shape((h, w, c))
+                return img, y
+
+            ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors().batch(batch_size)
+        else:
+            arrays = self._arrays
+
+            def gen():
+                for start in range(0, n, batch_size):
+                    xs = np.asarray(arrays[order[start : start + batch_size]], dtype=np.float32)
+                    yield xs, labels[start : start + batch_size]
+
+            shape = tuple(self.sample_shape or ())
+            ds = tf.data.Dataset.from_generator(
+                gen,
+                output_signature=(
+                    tf.TensorSpec((None, *shape), tf.float32),
+                    tf.TensorSpec((None,), tf.int32),
+                ),
+            )
+            ds = ds.apply(tf.data.experimental.assert_cardinality(-(-n // batch_size)))
+        pre = self.preprocess
+        if not pre.is_identity:
+            ds = ds.map(lambda x, y: (pre.apply(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        if repeat:
+            ds = ds.repeat()
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def numpy_batches(self, input_shape, batch_size: int = 32, limit: Optional[int] = None) -> Iterator:
+        """Yields ``(x, y)`` numpy batches in the data set's order."""
+        for x, y in self.dataset(input_shape, batch_size=batch_size, limit=limit):
+            yield x.numpy(), y.numpy()
+
+    def calibration_samples(self, input_shape, n: int = 200, seed: int = 0) -> Iterator[np.ndarray]:
+        """``n`` samples drawn at random (fixed seed) for a converter's representative dataset, one per batch."""
+        for x, _ in self.dataset(input_shape, batch_size=1, shuffle=True, seed=seed, limit=n):
+            yield x.numpy()
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "class_counts": self.class_counts(),
+            "preprocess": self.preprocess.to_dict(),
+        }
+
+
+def _image_hwc(input_shape) -> tuple[int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or shape[0] is None or shape[1] is None:
+        if len(shape) == 3 and shape[2] in (1, 3):
+            raise UsageError(
+                f"the model takes images of any size {shape}; image folders need a fixed size: "
+                "rebuild the model with a fixed input shape"
+            )
+        raise KcompressError(f"an image folder cannot feed a model whose input shape is {shape} (need H, W, C)")
+    c = shape[2] if shape[2] is not None else 3
+    if c not in (1, 3, 4):
+        raise KcompressError(f"an image folder cannot feed a model with {c} input channels (need 1, 3 or 4)")
+    return int(shape[0]), int(shape[1]), int(c)
+
+
+def _is_image(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return any(head.startswith(m) for m in _MAGIC)
+
+
+def _open_folder(path: str) -> DataSource:
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    if not classes:
+        raise KcompressError(f"{path}: no class sub-folders (an image folder needs one sub-folder per class)")
+    files, labels, skipped = [], [], 0
+    for i, cls in enumerate(classes):
+        for root, _, names in sorted(os.walk(os.path.join(path, cls))):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                if name.lower().endswith(IMAGE_EXTENSIONS) and _is_image(full):
+                    files.append(full)
+                    labels.append(i)
+                elif not name.startswith("."):
+                    skipped += 1
+    if skipped:
+        warnings.warn(f"{path}: skipped {skipped} file(s) that are not readable images", stacklevel=2)
+    if not files:
+        raise KcompressError(f"{path}: the data set is empty (no images in {len(classes)} class folders)")
+    return DataSource(
+        name=path,
+        kind="folder",
+        labels=np.asarray(labels, np.int64),
+        class_names=tuple(classes),
+        sample_shape=None,
+        _files=tuple(files),
+    )
+
+
+def _open_npz(path: str) -> DataSource:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise KcompressError(f"{path}: not a readable .npz file ({e})") from None
+    missing = {"x", "y"} - set(npz.files)
+    if missing:
+        raise KcompressError(f"{path}: the .npz needs arrays 'x' and 'y' (found: {', '.join(npz.files) or 'none'})")
+    x, y = npz["x"], npz["y"]
+    if len(x) == 0:
+        raise KcompressError(f"{path}: the data set is empty")
+    if len(x) != len(y):
+        raise KcompressError(f"{path}: x has {len(x)} samples but y has {len(y)} labels")
+    y = _labels(y, path)
+    num_classes = int(y.max()) + 1
+    names = npz["class_names"].tolist() if "class_names" in npz.files else [str(i) for i in range(num_classes)]
+    return DataSource(
+        name=path,
+        kind="npz",
+        labels=y,
+        class_names=tuple(str(n) for n in names),
+        sample_shape=tuple(int(d) for d in x.shape[1:]),
+        _arrays=x,
+    )
+
+
+def _labels(y: np.ndarray, where: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = y.argmax(axis=1)
+    y = y.reshape(len(y))
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise KcompressError(f"{where}: labels must be integer class indices or one-hot rows")
+        y = y.astype(np.int64)
+    if y.min() < 0:
+        raise KcompressError(f"{where}: labels must be >= 0 (found {int(y.min())})")
+    return y.astype(np.int64)
+
+
+def _open_builtin(name: str) -> DataSource:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images.astype(np.float32) * (255.0 / 16.0))[..., None]  # 8x8x1 pixels 0-255
+    y = digits.target.astype(np.int64)
+    if name != "digits":
+        rng = np.random.default_rng(1234)
+        val_idx = np.concatenate(
+            [rng.permutation(np.flatnonzero(y == c))[: int(round(0.2 * np.sum(y == c)))] for c in range(10)]
+        )
+        mask = np.zeros(len(y), bool)
+        mask[val_idx] = True
+        keep = mask if name == "digits:val" else ~mask
+        x, y = x[keep], y[keep]
+    return DataSource(
+        name=name,
+        kind="builtin",
+        labels=y,
+        class_names=tuple(str(i) for i in range(10)),
+        sample_shape=(8, 8, 1),
+        _arrays=x,
+    )
+
+
+def open_data(spec: str, preprocess: Preprocess = Preprocess()) -> DataSource:
+    """Opens DATA (see the module docstring) without loading the samples."""
+    if spec in BUILTIN_DATASETS:
+        src = _open_builtin(spec)
+    elif os.path.isdir(spec):
+        src = _open_folder(spec)
+    elif os.path.isfile(spec):
+        if not spec.endswith(".npz"):
+            raise KcompressError(f"{spec}: unsupported data file (expected an .npz with x and y, or an image folder)")
+        src = _open_npz(spec)
+    else:
+        raise KcompressError(
+            f"{spec}: no such data (expected an .npz file, an image folder, or one of {', '.join(BUILTIN_DATASETS)})"
+        )
+    return src.with_preprocess(preprocess)
+
+
+def check_fits(data: DataSource, input_shape: Sequence[Optional[int]], num_classes: int) -> None:
+    """Raises a clear error when ``data`` cannot feed a model with this input shape and class count."""
+    if data.sample_shape is not None:
+        want = tuple(input_shape)
+        got = data.sample_shape
+        if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise KcompressError(
+                f"{data.name}: samples have shape {got} but the model expects {tuple(want)} "
+                "(npz data must already have the model's input shape)"
+            )
+    else:
+        _image_hwc(input_shape)
+    top = int(data.labels.max())
+    if top >= num_classes:
+        raise KcompressError(
+            f"{data.name}: label {top} is outside the model's {num_classes} classes (0..{num_classes - 1})"
+        )

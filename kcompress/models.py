@@ -1,0 +1,223 @@
+"""Load and save Keras models in any tf_keras format; parameter, size and FLOP counts.
+
+MODEL is a tf_keras model saved as a SavedModel directory, an ``.h5`` file or a ``.keras`` file. Keras 3 files are
+recognised and rebuilt in tf_keras by :mod:`kcompress.keras3` when that bridge is present.
+Saving always writes next to the target and renames, so an interrupted save never leaves half a model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from typing import Optional
+
+import numpy as np
+
+from kcompress._keras import keras, tf
+from kcompress.errors import KcompressError
+
+__all__ = [
+    "load_model",
+    "save_model",
+    "model_format",
+    "count_params",
+    "count_macs",
+    "layer_macs",
+    "input_shape",
+    "num_classes",
+    "path_size",
+    "check_output_path",
+    "atomic_write_bytes",
+]
+
+
+def path_size(path: str) -> int:
+    """Bytes of a file, or of everything under a directory."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+    return os.path.getsize(path)
+
+
+def check_output_path(path: str, overwrite: bool) -> None:
+    """Refuses an existing output unless ``overwrite``; the message names the flag."""
+    if os.path.exists(path) and not overwrite:
+        raise KcompressError(f"{path} exists; pass --overwrite to replace it")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise KcompressError(f"cannot write {path}: folder {parent} does not exist")
+
+
+def atomic_write_bytes(path: str, data: bytes, overwrite: bool = False) -> None:
+    """Writes ``data`` to a temp file beside ``path`` and renames it into place."""
+    check_output_path(path, overwrite)
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".kcompress-", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def model_format(path: str) -> str:
+    """``savedmodel``, ``h5``, ``keras`` (tf_keras zip), ``keras3`` or ``tflite``; raises for anything else."""
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "saved_model.pb")):
+            return "savedmodel"
+        raise KcompressError(f"{path}: a folder but not a SavedModel (no saved_model.pb)")
+    if not os.path.isfile(path):
+        raise KcompressError(f"{path}: no such model file or folder")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[4:8] == b"TFL3":
+        return "tflite"
+    if head.startswith(b"\x89HDF"):
+        return "h5"
+    if head.startswith(b"PK") and zipfile.is_zipfile(path):
+        return "keras3" if _is_keras3_zip(path) else "keras"
+    raise KcompressError(f"{path}: not a model (expected a SavedModel folder, .h5, .keras or .tflite)")
+
+
+def _is_keras3_zip(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            meta = json.loads(z.read("metadata.json"))
+    except (KeyError, ValueError, zipfile.BadZipFile):
+        return False
+    return str(meta.get("keras_version", "")).startswith("3.")
+
+
+def load_model(path: str, compile: bool = False):
+    """A tf_keras model from any supported format. Keras 3 files are rebuilt in tf_keras (verified)."""
+    fmt = model_format(path)
+    if fmt == "tflite":
+        raise KcompressError(f"{path}: a .tflite file, but this step needs a Keras model")
+    if fmt == "keras3":
+        try:
+            from kcompress import keras3 as bridge
+        except ImportError:
+            raise KcompressError(
+                f"{path}: a Keras 3 model; this version of kcompress reads tf_keras (Keras 2) models only"
+            ) from None
+        return bridge.to_tf_keras(bridge.load_keras3(path))
+    try:
+        model = keras.models.load_model(path, compile=compile)
+    except Exception as e:  # tf_keras raises many types for unreadable files
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KcompressError(f"{path}: cannot load the model ({msg[:300]})") from None
+    if not isinstance(model, keras.Model):
+        raise KcompressError(
+            f"{path}: an inference-only SavedModel, not a Keras model; quantize it with the TFLite converter, "
+            "or pass the Keras model file"
+        )
+    return model
+
+
+def save_model(model, path: str, overwrite: bool = False) -> None:
+    """Saves by extension (``.keras``, ``.h5``, else a SavedModel folder) via a temp path and a rename."""
+    check_output_path(path, overwrite)
+    parent = os.path.dirname(os.path.abspath(path))
+    tmpdir = tempfile.mkdtemp(prefix=".kcompress-", dir=parent)
+    try:
+        base = os.path.basename(path.rstrip("/"))
+        tmp = os.path.join(tmpdir, base)
+        if path.endswith((".keras", ".h5")):
+            model.save(tmp)
+        else:
+            model.save(tmp, save_format="tf")
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def input_shape(model) -> tuple:
+    """The model's single input shape without the batch axis."""
+    shapes = model.input_shape
+    if isinstance(shapes, list):
+        if len(shapes) != 1:
+            raise KcompressError(f"models with {len(shapes)} inputs are not supported yet (need one input)")
+        shapes = shapes[0]
+    return tuple(shapes[1:])
+
+
+def num_classes(model) -> int:
+    shape = model.output_shape
+    if isinstance(shape, list):
+        if len(shape) != 1:
+            raise KcompressError(f"models with {len(shape)} outputs are not supported yet (need one classifier output)")
+        shape = shape[0]
+    if len(shape) != 2 or shape[-1] is None:
+        raise KcompressError(f"the model's output shape {shape} is not a classifier's (batch, classes)")
+    return int(shape[-1])
+
+
+def count_params(model) -> dict[str, int]:
+    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
+    total = int(sum(np.prod(w.shape) for w in model.weights))
+    return {"total": total, "trainable": trainable, "non_trainable": total - trainable}
+
+
+def _flat_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _flat_layers(layer)
+        else:
+            yield layer
+
+
+def _out_spatial(layer) -> int:
+    shape = layer.output_shape
+    if isinstance(shape, list):
+        shape = shape[0]
+    return int(np.prod([d for d in shape[1:-1] if d is not None])) if len(shape) > 2 else 1
+
+
+def layer_macs(layer) -> int:
+    """Multiply-accumulates of one layer for one sample (convolutions, dense; 0 for the rest)."""
+    L = keras.layers
+    if isinstance(layer, L.DepthwiseConv2D):
+        k = int(np.prod(layer.kernel_size))
+        cin = int(layer.input_shape[-1])
+        return _out_spatial(layer) * k * cin * layer.depth_multiplier
+    if isinstance(layer, L.SeparableConv2D):
+        k = int(np.prod(layer.kernel_size))
+        cin = int(layer.input_shape[-1])
+        spatial = _out_spatial(layer)
+        return spatial * k * cin * layer.depth_multiplier + spatial * cin * layer.depth_multiplier * layer.filters
+    if isinstance(layer, (L.Conv1D, L.Conv2D, L.Conv3D)) and not isinstance(layer, L.Conv2DTranspose):
+        k = int(np.prod(layer.kernel_size))
+        cin = int(layer.input_shape[-1]) // max(1, getattr(layer, "groups", 1))
+        return _out_spatial(layer) * k * cin * layer.filters
+    if isinstance(layer, L.Conv2DTranspose):
+        k = int(np.prod(layer.kernel_size))
+        cin = int(layer.input_shape[-1])
+        in_shape = layer.input_shape
+        return int(np.prod(in_shape[1:-1])) * k * cin * layer.filters
+    if isinstance(layer, L.Dense):
+        shape = layer.input_shape
+        rows = int(np.prod([d for d in shape[1:-1] if d is not None])) if len(shape) > 2 else 1
+        return rows * int(shape[-1]) * layer.units
+    return 0
+
+
+def count_macs(model) -> int:
+    """Multiply-accumulates for one sample; FLOPs are about twice this."""
+    return int(sum(layer_macs(layer) for layer in _flat_layers(model)))
+
+
+def saved_model_size(model) -> Optional[int]:
+    """Bytes of the model saved as a SavedModel (a temporary folder, removed after)."""
+    tmp = tempfile.mkdtemp(prefix="kcompress-sm-")
+    try:
+        model.save(os.path.join(tmp, "m"), save_format="tf")
+        return path_size(os.path.join(tmp, "m"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
