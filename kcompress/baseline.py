@@ -1,0 +1,80 @@
+"""The baseline record: everything to know about a model before compressing it, as one JSON-able dict.
+
+Parameters, theoretical fp32 size (params x 4 bytes), real file sizes (input file, SavedModel, fp32 .tflite),
+MACs/FLOPs, accuracy metrics, latency at several batch sizes for Keras and for the fp32 .tflite, peak memory,
+the data set's size and class counts, and the environment. Meant to be committed next to the model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional, Sequence
+
+from kcompress.benchmark import _versions, bench_keras, bench_tflite
+from kcompress.convert import convert
+from kcompress.data import DataSource
+from kcompress.evaluate import evaluate
+from kcompress.models import count_macs, count_params, load_model, path_size, saved_model_size
+from kcompress.results import host_target
+
+__all__ = ["measure_baseline"]
+
+
+def measure_baseline(
+    model_path_or_model,
+    data: DataSource,
+    batch_sizes: Sequence[int] = (1, 8, 32),
+    threads: int = 1,
+    runs: int = 30,
+    warmup: int = 5,
+    limit: Optional[int] = None,
+) -> dict[str, Any]:
+    """Measures the model on ``data``; returns the baseline dict (see the module docstring)."""
+    t_start = time.time()
+    if isinstance(model_path_or_model, str):
+        path = model_path_or_model
+        model = load_model(path)
+        input_bytes = path_size(path)
+    else:
+        path, model, input_bytes = None, model_path_or_model, None
+    params = count_params(model)
+    macs = count_macs(model)
+    fp32 = convert(model)
+    ev = evaluate(model, data, limit=limit, description="evaluating (keras)")
+    ev_tfl = evaluate(fp32, data, limit=limit, description="evaluating (fp32 tflite)")
+    latency = {"keras": [], "tflite_fp32": []}
+    for b in batch_sizes:
+        latency["keras"].append(bench_keras(model, batch_size=b, runs=runs, warmup=warmup).to_dict())
+        latency["tflite_fp32"].append(
+            bench_tflite(fp32, threads=threads, batch_size=b, runs=runs, warmup=warmup, name="fp32.tflite").to_dict()
+        )
+    peak = max(
+        (r["memory_mb"].get("peak_rss") or 0.0) for rows in latency.values() for r in rows
+    )
+    return {
+        "kind": "kcompress.baseline/1",
+        "model": {
+            "path": os.path.abspath(path) if path else None,
+            "name": model.name,
+            "input_shape": list(model.input_shape[1:]),
+            "num_classes": int(model.output_shape[-1]),
+            "layers": len(model.layers),
+        },
+        "params": params,
+        "size_bytes": {
+            "theoretical_fp32": params["total"] * 4,
+            "input_file": input_bytes,
+            "saved_model": saved_model_size(model),
+            "tflite_fp32": len(fp32),
+        },
+        "macs": macs,
+        "flops": 2 * macs,
+        "accuracy": ev.metrics,
+        "accuracy_tflite_fp32": {k: ev_tfl.metrics[k] for k in ("accuracy", "top5_accuracy", "macro_f1")},
+        "latency": latency,
+        "peak_memory_mb": peak,
+        "data": data.summary(),
+        "environment": {**host_target(**_versions()), "tflite_threads": threads},
+        "measured_in_s": round(time.time() - t_start, 1),
+    }
