@@ -1,0 +1,145 @@
+"""The command line end to end: outputs, files, exit codes, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from kcompress.cli import LAZY_COMMANDS, main
+
+SCALE = ["--scale", str(1 / 255)]
+
+
+@pytest.mark.parametrize("command", sorted(LAZY_COMMANDS))
+def test_help_of_every_command(command):
+    result = run_cli(command, "--help")
+    assert result.exit_code == 0
+    assert "Usage: main " + command in result.output or f"Usage: main {command}" in result.output
+    assert "Example" in result.output or command == "device"
+
+
+def test_top_level_help_does_not_import_tensorflow():
+    code = "import sys; from kcompress.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\n" \
+           "print('TF' if 'tensorflow' in sys.modules else 'noTF')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("noTF")
+
+
+def test_quantize_int8_end_to_end(cnn_path, tmp_path):
+    out = tmp_path / "q.tflite"
+    r = run_cli("quantize", cnn_path, "--data", "digits:train", "--val-data", "digits:val", *SCALE, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "accuracy" in r.output and f"Wrote {out}" in r.output
+    assert out.read_bytes()[4:8] == b"TFL3"
+    r = run_cli("evaluate", out, "--data", "digits:val", *SCALE, "--json", "--reference", cnn_path)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["accuracy"] > 0.9 and doc["reference"]["agreement"] > 0.97
+    assert len(doc["confusion_matrix"]) == 10
+
+
+def test_quantize_refuses_to_overwrite(cnn_path, tmp_path):
+    out = tmp_path / "q.tflite"
+    out.write_bytes(b"precious")
+    r = run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "-o", out)
+    assert r.exit_code == 1
+    assert "exists; pass --overwrite" in r.output
+    assert out.read_bytes() == b"precious"
+
+
+def test_dynamic_mode_prints_a_slowdown_hint_only_when_slower(cnn_path, tmp_path):
+    r = run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "--mode", "dynamic", "-o", tmp_path / "d.tflite")
+    assert r.exit_code == 0, r.output
+    line = [l for l in r.output.splitlines() if "p50 latency" in l][0]
+    speedup = float(line.split("x speed-up")[0].split()[-1])
+    assert ("SLOWER than fp32" in r.output) == (speedup < 1 / 1.05)
+
+
+def test_evaluate_npz_with_the_same_preprocessing(cnn_path, digits_npz):
+    r = run_cli("evaluate", cnn_path, "--data", digits_npz, *SCALE, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["accuracy"] > 0.9
+    r = run_cli("evaluate", cnn_path, "--data", digits_npz, "--json")  # no scaling: 0-255 inputs, wrong
+    assert json.loads(r.output)["accuracy"] < 0.9
+
+
+def test_baseline_json(cnn_path, tmp_path):
+    out = tmp_path / "b.json"
+    r = run_cli("baseline", cnn_path, "--data", "digits:val", *SCALE, "--batch-sizes", "1,8", "--runs", "5", "-o", out)
+    assert r.exit_code == 0, r.output
+    b = json.loads(out.read_text())
+    assert b["params"]["total"] == 151594
+    assert b["size_bytes"]["theoretical_fp32"] == 151594 * 4
+    assert b["size_bytes"]["saved_model"] > 0 and b["size_bytes"]["tflite_fp32"] > 151594 * 4
+    assert b["flops"] == 2 * b["macs"] > 1_000_000
+    assert b["accuracy"]["accuracy"] > 0.9 and b["accuracy"]["top5_accuracy"] >= b["accuracy"]["accuracy"]
+    assert [r["batch_size"] for r in b["latency"]["tflite_fp32"]] == [1, 8]
+    assert set(b["latency"]["keras"][0]["latency_ms"]) >= {"mean", "p50", "p95", "p99"}
+    assert b["data"]["num_samples"] == 359 and sum(b["data"]["class_counts"].values()) == 359
+    assert b["environment"]["versions"]["tensorflow"].startswith("2.")
+    assert b["peak_memory_mb"] > 0
+
+
+def test_bench_and_inspect_tflite(cnn_path, tmp_path):
+    q = tmp_path / "q.tflite"
+    assert run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "-o", q).exit_code == 0
+    r = run_cli("bench", q, "--threads", "1,2", "--runs", "5", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert [x["threads"] for x in doc["results"]] == [1, 2]
+    r = run_cli("inspect", q)
+    assert r.exit_code == 0, r.output
+    assert "CONV_2D" in r.output and "float compute ops: 0" in r.output and "per-channel x64" in r.output
+    r = run_cli("inspect", cnn_path)
+    assert "conv1" in r.output and "151,594 parameters" in r.output
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["evaluate", "missing.keras", "--data", "digits:val"], 1, "no such model file"),
+        (["evaluate", "{notmodel}", "--data", "digits:val"], 1, "not a model"),
+        (["evaluate", "{cnn}", "--data", "{wrongshape}"], 1, "samples have shape (5, 5, 1) but the model expects (8, 8, 1)"),
+        (["evaluate", "{cnn}", "--data", "{badlabels}"], 1, "label 42 is outside the model's 10 classes"),
+        (["evaluate", "{cnn}", "--data", "{empty}"], 1, "the data set is empty"),
+        (["quantize", "{cnn}", "--data", "digits:val", "--calibration-samples", "0"], 2, "at least 1"),
+        (["quantize", "{cnn}", "--data", "digits:val", "--mode", "int4"], 2, "Invalid value for '--mode'"),
+        (["quantize", "{cnn}", "--data", "digits:val", "--mode", "float16", "--io", "int8"], 2, "needs --mode int8"),
+        (["bench", "{cnn}"], 2, "bench takes .tflite files"),
+        (["bench", "{tflite}", "--threads", "x"], 2, "--threads: expected comma-separated"),
+    ],
+)
+def test_bad_input_gets_one_line_and_exit_code(args, code, message, cnn_path, tmp_path):
+    (tmp_path / "notmodel.h5").write_text("hello")
+    np.savez(tmp_path / "wrongshape.npz", x=np.zeros((3, 5, 5, 1)), y=np.zeros(3, int))
+    np.savez(tmp_path / "badlabels.npz", x=np.zeros((3, 8, 8, 1)), y=np.array([0, 1, 42]))
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 8, 8, 1)), y=np.zeros(0, int))
+    (tmp_path / "m.tflite").write_bytes(b"1234TFL3" + b"\0" * 64)
+    subst = {"{cnn}": cnn_path, "{notmodel}": str(tmp_path / "notmodel.h5"),
+             "{wrongshape}": str(tmp_path / "wrongshape.npz"), "{badlabels}": str(tmp_path / "badlabels.npz"),
+             "{empty}": str(tmp_path / "empty.npz"), "{tflite}": str(tmp_path / "m.tflite")}
+    r = run_cli(*[subst.get(a, a) for a in args])
+    assert r.exit_code == code, r.output
+    assert message in r.output
+    assert "Traceback" not in r.output
+    errors = [l for l in r.output.splitlines() if l.startswith("Error")]
+    assert len(errors) == 1
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli("demo", "-o", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "results.json").read_text())
+    rows = {row["name"]: row for row in doc["rows"]}
+    assert rows["tflite int8"]["accuracy"] > 0.9
+    assert abs(rows["tflite int8"]["accuracy"] - rows["keras fp32"]["accuracy"]) <= 0.02
+    assert rows["tflite int8"]["size_bytes"] < 0.3 * rows["tflite fp32"]["size_bytes"]
+    assert sorted(os.listdir(out)) == ["model.keras", "model_fp32.tflite", "model_int8.tflite", "results.json"]
+    assert str(out) in r.output
+    r = run_cli("demo", "-o", out)
+    assert r.exit_code == 1 and "not empty; pass --overwrite" in r.output
