@@ -54,7 +54,7 @@ class FakeAdb:
         self.path = str(root / "bin" / "adb")
         os.makedirs(os.path.dirname(self.path))
         with open(self.path, "w") as f:
-            f.write(f"#!/bin/sh\nFAKE_ADB_DIR='{self.dir}' exec '{sys.executable}' '{FAKE}' \"$@\"\n")
+            f.write(f"#!/bin/sh\nFAKE_ADB_DIR='{self.dir}' exec '{sys.executable}' -S '{FAKE}' \"$@\"\n")
         os.chmod(self.path, 0o755)
         self.configure(devices=[{"serial": SERIAL, "state": "device",
                                  "attrs": "usb:1-1 product:panther model:Pixel_7 device:panther transport_id:3"}],
@@ -317,7 +317,7 @@ def test_device_list_without_devices_says_so(fake_adb):
 
 def test_bench_end_to_end_json_and_commands(fake_adb, files):
     out = files / "phone.json"
-    result = invoke("device", "bench", files / "m1.tflite", files / "m2.tflite", "--adb", fake_adb.path,
+    result = invoke("device", "bench", files / "m1.tflite", "--adb", fake_adb.path,
                     "--benchmark-binary", files / "benchmark_model", "--threads", "1,4", "--delegate", "xnnpack",
                     "--delegate", "gpu", "--runs", "20", "--warmup", "3", "--cooldown", "0", "-o", out)
     assert result.exit_code == 0, result.output
@@ -330,7 +330,7 @@ def test_bench_end_to_end_json_and_commands(fake_adb, files):
     assert t["big_cores"] == [4, 5, 6, 7]
     results = doc["results"]
     assert [(r["model"], r["delegate"], r["threads"]) for r in results] == [
-        (m, d, th) for m in ("m1.tflite", "m2.tflite") for d in ("xnnpack", "gpu") for th in (1, 4)]
+        ("m1.tflite", d, th) for d in ("xnnpack", "gpu") for th in (1, 4)]
     for r in results:
         base_us = {"xnnpack": 20000.0, "gpu": 9000.0}[r["delegate"]]
         assert r["runtime"] == "benchmark_model" and r["batch_size"] == 1
@@ -338,7 +338,7 @@ def test_bench_end_to_end_json_and_commands(fake_adb, files):
         assert r["latency_ms"]["count"] == 20 and r["warmup_runs"] == 3
         assert r["memory_mb"]["overall"] == 5 + r["threads"] + 0.25
         assert r["memory_mb"]["peak_periodic"] == 9 + r["threads"] + 0.5
-        assert r["model_bytes"] == (1004 if r["model"] == "m1.tflite" else 2004)
+        assert r["model_bytes"] == 1004
         assert r["extra"]["cpu_mask"] == "f0"
         before, after = r["extra"]["battery_before"], r["extra"]["battery_after"]
         assert after["temperature_c"] > before["temperature_c"] and 0 < after["level"] <= 100
@@ -350,17 +350,16 @@ def test_bench_end_to_end_json_and_commands(fake_adb, files):
     pushes = [c[3:] for c in cmds if c[2:3] == ["push"]]
     assert [str(files / "benchmark_model"), f"{WORK}/benchmark_model"] in pushes
     assert [str(files / "m1.tflite"), f"{WORK}/m1.tflite"] in pushes
-    assert [str(files / "m2.tflite"), f"{WORK}/m2.tflite"] in pushes
     runs = [s for s in fake_adb.shell_commands() if "benchmark_model " in s]
-    assert len(runs) == 8
+    assert len(runs) == 4
     for s in runs:
         assert f"taskset f0 ./benchmark_model --graph={WORK}/m" in s
         assert "--report_peak_memory_footprint=true" in s and "--num_runs=20" in s and "--warmup_runs=3" in s
-    assert sum("--num_threads=1 " in s for s in runs) == 4 and sum("--num_threads=4 " in s for s in runs) == 4
-    assert sum("--use_xnnpack=true" in s for s in runs) == 4 and sum("--use_gpu=true" in s for s in runs) == 4
+    assert sum("--num_threads=1 " in s for s in runs) == 2 and sum("--num_threads=4 " in s for s in runs) == 2
+    assert sum("--use_xnnpack=true" in s for s in runs) == 2 and sum("--use_gpu=true" in s for s in runs) == 2
     assert fake_adb.shell_commands()[-1] == f"rm -rf {WORK}"
     assert not fake_adb.device_path(WORK).exists()  # cleaned up
-    assert [c[3] for c in cmds if c[2:3] == ["pull"]] == [f"{WORK}/run_{i}.log" for i in range(8)]
+    assert [c[3] for c in cmds if c[2:3] == ["pull"]] == [f"{WORK}/run_{i}.log" for i in range(4)]
 
 
 def test_bench_cpu_nnapi_flags_op_profiling_and_table(fake_adb, files):
@@ -377,6 +376,8 @@ def test_bench_json_stdout_has_op_profile(fake_adb, files):
     result = invoke(*bench_args(fake_adb, files, "--threads", "1", "--op-profiling", "--json"))
     assert result.exit_code == 0, result.output
     r = json.loads(result.stdout)["results"][0]
+    assert r["delegate"] == "xnnpack"  # the default
+    assert "--use_xnnpack=true" in [s for s in fake_adb.shell_commands() if "benchmark_model " in s][0]
     assert [row["node_type"] for row in r["op_profile"]] == ["CONV_2D", "FULLY_CONNECTED"]
     assert r["op_profile"][0]["count"] == 3
 
@@ -403,20 +404,32 @@ def test_bench_refuses_to_overwrite_output(fake_adb, files):
     assert [p.name for p in files.iterdir() if p.name.startswith(".kcompress-")] == []  # no temp file left
 
 
-def test_cooldown_sleeps_between_runs_only(fake_adb, files):
+def test_cooldown_sleeps_between_runs_only_and_same_named_models_stay_apart(fake_adb, files):
+    models = []
+    for sub, size in (("a", 10), ("b", 20)):
+        (files / sub).mkdir()
+        (files / sub / "m.tflite").write_bytes(b"\x00" * size)
+        models.append(str(files / sub / "m.tflite"))
     slept = []
-    config = dev.DeviceBenchConfig(threads=(1, 4), delegates=("xnnpack", "gpu"), cooldown_s=2.5)
-    report = dev.bench_on_device([str(files / "m1.tflite")], dev.Adb(fake_adb.path), config,
+    config = dev.DeviceBenchConfig(threads=(1,), delegates=("xnnpack",), cooldown_s=2.5)
+    report = dev.bench_on_device(models, dev.Adb(fake_adb.path), config,
                                  benchmark_binary=str(files / "benchmark_model"), sleep=slept.append)
-    assert len(report.results) == 4 and slept == [2.5, 2.5, 2.5]
+    assert slept == [2.5]
+    assert [(r.model, r.model_bytes, r.extra["model_path"]) for r in report.results] == [
+        ("m.tflite", 10, models[0]), ("m.tflite", 20, models[1])]
+    runs = [s for s in fake_adb.shell_commands() if "benchmark_model " in s]
+    assert f"--graph={WORK}/0_m.tflite" in runs[0] and f"--graph={WORK}/1_m.tflite" in runs[1]
 
 
 def test_cooldown_really_sleeps(fake_adb, files):
     start = time.monotonic()
     result = invoke("device", "bench", files / "m1.tflite", "--adb", fake_adb.path,
-                    "--benchmark-binary", files / "benchmark_model", "--threads", "1,2", "--cooldown", "0.4")
+                    "--benchmark-binary", files / "benchmark_model", "--threads", "1,2", "--cooldown", "0.4",
+                    "--no-pin")
     assert result.exit_code == 0, result.output
     assert time.monotonic() - start >= 0.4
+    runs = [s for s in fake_adb.shell_commands() if "benchmark_model " in s]
+    assert len(runs) == 2 and not any("taskset" in s for s in runs)  # --no-pin
 
 
 def test_bench_apk_mode_reads_logcat(fake_adb, files):
@@ -444,7 +457,8 @@ def test_bench_apk_not_installed(fake_adb, files):
 
 
 def test_error_adb_not_found(files, tmp_path):
-    result = invoke(*bench_args(type("A", (), {"path": str(tmp_path / "no" / "adb")}), files))
+    result = invoke("device", "bench", files / "m1.tflite", "--adb", tmp_path / "no" / "adb",
+                    "--benchmark-binary", files / "benchmark_model")
     assert_one_line_error(result, 1, "adb not found")
     assert_one_line_error(invoke("device", "list", "--adb", tmp_path / "no" / "adb"), 1, "adb not found")
 
