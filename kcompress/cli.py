@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("kcompress.commands:evaluate", "Accuracy metrics of a Keras model or .tflite file on data."),
     "bench": ("kcompress.commands:bench", "Latency, throughput and memory of a .tflite in the LiteRT interpreter."),
     "inspect": ("kcompress.commands:inspect_cmd", "Layers, ops, shapes, dtypes and quantization of a model or .tflite."),
+    "device": ("kcompress.device_commands:device", "Benchmark .tflite files on Android devices over adb."),
 }
 
 
