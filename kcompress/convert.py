@@ -26,7 +26,16 @@ from kcompress._keras import tf
 from kcompress.errors import KcompressError, UsageError
 from kcompress.runtime import TFLiteModel
 
-__all__ = ["MODES", "IO_TYPES", "QuantizeOptions", "convert", "resolve_float_layers", "smoke_test"]
+__all__ = [
+    "MODES",
+    "IO_TYPES",
+    "QuantizeOptions",
+    "convert",
+    "resolve_float_layers",
+    "smoke_test",
+    "add_metadata",
+    "read_metadata",
+]
 
 MODES = ("fp32", "dynamic", "float16", "int8", "int16x8")
 IO_TYPES = ("int8", "uint8", "float")
@@ -202,3 +211,53 @@ def smoke_test(data: bytes) -> None:
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KcompressError(f"the converted model does not run in the LiteRT interpreter: {first}") from None
+
+
+METADATA_NAME = "kcompress"
+
+
+def add_metadata(data: bytes, info: dict) -> bytes:
+    """The flatbuffer with ``info`` (JSON) stored as model metadata named ``kcompress``; replaces an older one.
+
+    Interpreters ignore metadata they do not know, so the file runs as before (checked by :func:`smoke_test`).
+    """
+    import json
+
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    payload = json.dumps(info, sort_keys=True).encode()
+    metadata = [m for m in (model.metadata or []) if _name(m.name) != METADATA_NAME]
+    buf = schema.BufferT()
+    buf.data = list(payload)
+    model.buffers.append(buf)
+    entry = schema.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    metadata.append(entry)
+    model.metadata = metadata
+    out = bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    smoke_test(out)
+    return out
+
+
+def read_metadata(data_or_path) -> Optional[dict]:
+    """The ``kcompress`` metadata of a .tflite (bytes or path), or None."""
+    import json
+
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    if isinstance(data_or_path, str):
+        with open(data_or_path, "rb") as f:
+            data_or_path = f.read()
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data_or_path))
+    for m in model.metadata or []:
+        if _name(m.name) == METADATA_NAME:
+            raw = model.buffers[m.buffer].data
+            return json.loads(bytes(bytearray(raw)).decode()) if raw is not None else None
+    return None
+
+
+def _name(name) -> str:
+    return name.decode() if isinstance(name, bytes) else str(name)
