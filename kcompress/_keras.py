@@ -28,3 +28,5 @@ def keras3():
     import keras as _keras3
 
     return _keras3
+
+tf.get_logger().setLevel("ERROR")  # retracing chatter and deprecation notices are not the user's business

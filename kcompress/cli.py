@@ -27,6 +27,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("kcompress.commands:evaluate", "Accuracy metrics of a Keras model or .tflite file on data."),
     "bench": ("kcompress.commands:bench", "Latency, throughput and memory of a .tflite in the LiteRT interpreter."),
     "inspect": ("kcompress.commands:inspect_cmd", "Layers, ops, shapes, dtypes and quantization of a model or .tflite."),
+    "run": ("kcompress.pipeline_commands:run", "Run a pipeline config (distill, prune, quantize, validate, bench)."),
+    "report": ("kcompress.pipeline_commands:report", "Report over run folders: tables and Pareto plots."),
+    "compare": ("kcompress.pipeline_commands:compare", "Two models or .tflite files side by side (A/B test)."),
+    "recommend": ("kcompress.pipeline_commands:recommend", "Write a pipeline config for a target and budgets."),
+    "config": ("kcompress.pipeline_commands:config", "Show the config defaults or validate a config file."),
     "device": ("kcompress.device_commands:device", "Benchmark .tflite files on Android devices over adb."),
 }
 

@@ -17,6 +17,10 @@ from kcompress.errors import KcompressError, UsageError
 __all__ = ["demo", "baseline", "quantize", "evaluate", "bench", "inspect_cmd", "preprocess_options", "int_list"]
 
 
+KEY_SETTINGS = ("mode", "student_width", "temperature", "alpha", "method", "target_flops", "ratio", "sparsity",
+                "qat", "io", "epochs")
+
+
 def int_list(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in str(text).split(",") if v.strip())
@@ -419,4 +423,13 @@ def inspect_cmd(model: str, as_json: bool) -> None:
         f"{f['ops']} ops; float compute ops: {f['float_compute_op_count']} "
         f"({', '.join(f['float_compute_ops']) or 'none'}); QUANTIZE {f['quantize_ops']}, DEQUANTIZE {f['dequantize_ops']}"
     )
+    if info.get("metadata"):
+        meta = info["metadata"]
+        console.print(f"kcompress metadata: model {meta.get('model_name')}, kcompress {meta.get('kcompress_version')}, "
+                      f"config hash {meta.get('config_hash')}")
+        for st in meta.get("stages", []):
+            acc = st.get("accuracy")
+            console.print(f"  {st['stage']}: accuracy {_pct(acc)}; " + ", ".join(
+                f"{k}={v}" for k, v in st.get("settings", {}).items() if k in KEY_SETTINGS))
+        console.print("  validated metrics: " + json.dumps(meta.get("metrics", {}), sort_keys=True))
     console.print("tensor bytes by dtype: " + ", ".join(f"{k} {_mb(v['bytes'])}" for k, v in info["tensor_dtypes"].items()))

@@ -82,8 +82,11 @@ def _inspect_tflite(path: str) -> dict[str, Any]:
                 ],
             }
         )
+    from kcompress.convert import read_metadata
+
     report = float_op_report(path)
     return {
+        "metadata": read_metadata(path),
         "format": "tflite",
         "file_bytes": os.path.getsize(path),
         "tensor_dtypes": _dtype_bytes(tensors),
