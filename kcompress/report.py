@@ -59,7 +59,7 @@ def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
         base = next((s for s in stages if s["stage"] == "baseline"), stages[0])
         rows = []
         for s in stages:
-            if s["stage"] == "benchmark":
+            if s["stage"] in ("benchmark", "train"):  # train's model is the baseline's
                 continue
             m = s["metrics"]
             row = {

@@ -1,0 +1,125 @@
+"""Pipelines end to end on the digits CNN: stage folders, gates, resume, metadata, report."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from kcompress.config import config_from_dict
+from kcompress.convert import read_metadata
+from kcompress.errors import KcompressError
+from kcompress.pipeline import GateFailed, run_pipeline
+
+SCALE = 1 / 255
+
+
+def _cfg(cnn_path, **quantize):
+    return config_from_dict({
+        "name": "t", "model": {"path": cnn_path},
+        "data": {"train": "digits:train", "val": "digits:val", "scale": SCALE},
+        "baseline": {"batch_sizes": [1], "runs": 3},
+        "quantize": {"qat": "never", "calibration_samples": 50, **quantize},
+        "benchmark": {"threads": [1], "runs": 5, "warmup": 1},
+    })
+
+
+@pytest.fixture(scope="module")
+def ptq_run(cnn_path, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("runs") / "ptq")
+    logs = []
+    records = run_pipeline(_cfg(cnn_path), run_dir, log=logs.append)
+    return run_dir, records, logs
+
+
+def test_stage_folders_hold_model_metrics_config_and_log(ptq_run):
+    run_dir, records, _ = ptq_run
+    assert [r.stage for r in records] == ["baseline", "quantize", "benchmark"]
+    for name in ("01-baseline", "04-quantize"):
+        files = set(os.listdir(os.path.join(run_dir, name)))
+        assert {"metrics.json", "config.yaml", "log.txt", "stage.json", "outputs.npz"} <= files
+    q = json.load(open(os.path.join(run_dir, "04-quantize", "metrics.json")))
+    b = json.load(open(os.path.join(run_dir, "01-baseline", "metrics.json")))
+    assert q["kind"] == "tflite" and q["method"] == "ptq"
+    assert abs(q["accuracy"] - b["accuracy"]) <= 0.01
+    assert q["tflite_bytes"] < 0.3 * b["params"] * 4
+    assert os.path.exists(os.path.join(run_dir, "01-baseline", "baseline.json"))
+    bench = json.load(open(os.path.join(run_dir, "05-benchmark", "bench.json")))
+    assert bench["schema"] == "kcompress.bench/1"
+
+
+def test_final_tflite_carries_metadata(ptq_run):
+    _, records, _ = ptq_run
+    meta = read_metadata(records[-1].model_path)
+    assert meta["model_name"] == "t" and meta["config_hash"]
+    assert [s["stage"] for s in meta["stages"]] == ["baseline", "quantize"]
+    assert meta["metrics"]["accuracy"] > 0.9
+    assert meta["stages"][1]["settings"]["mode"] == "int8"
+
+
+def test_resume_skips_finished_stages_and_reruns_changed_ones(ptq_run, cnn_path):
+    run_dir, _, _ = ptq_run
+    logs = []
+    run_pipeline(_cfg(cnn_path), run_dir, resume=True, log=logs.append)
+    assert sum("finished earlier, skipped" in line for line in logs) == 3
+    logs.clear()
+    run_pipeline(_cfg(cnn_path, calibration_samples=40), run_dir, resume=True, log=logs.append)
+    assert any(line.startswith("[baseline] finished earlier") for line in logs)
+    assert any(line.startswith("[quantize] running") for line in logs)
+    with pytest.raises(KcompressError, match="not empty; pass --resume"):
+        run_pipeline(_cfg(cnn_path), run_dir)
+
+
+def test_gate_stops_the_run_naming_the_stage_and_keeps_artifacts(cnn_path, tmp_path):
+    run_dir = str(tmp_path / "gated")
+    with pytest.raises(GateFailed, match=r"stage quantize dropped accuracy by .* more than its max_drop -100"):
+        run_pipeline(_cfg(cnn_path, max_drop=-100.0), run_dir, log=lambda m: None)
+    assert os.path.exists(os.path.join(run_dir, "04-quantize", "model.tflite"))
+    assert not os.path.exists(os.path.join(run_dir, "05-benchmark"))
+
+
+def test_report_over_two_runs(ptq_run, tmp_path):
+    run_dir, _, _ = ptq_run
+    out = tmp_path / "rep"
+    r = run_cli("report", run_dir, run_dir, "-o", out)
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "report.json").read_text())
+    stages = doc["runs"][0]["stages"]
+    assert [s["stage"] for s in stages] == ["baseline", "quantize"]
+    assert stages[1]["pareto_size"] and stages[1]["agreement_with_baseline"] > 0.95
+    md = (out / "report.md").read_text()
+    assert "| quantize (ptq) |" in md and "![pareto_size.png](pareto_size.png)" in md
+    for png in ("pareto_size.png", "pareto_latency.png", "per_class_delta.png", "confidence.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_cli_with_overrides_and_bad_config(cnn_path, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": cnn_path}, "quantize": {"qat": "never"}}))
+    r = run_cli("run", cfg, "quantize.mod=int8")
+    assert r.exit_code == 2 and "unknown config key quantize.mod (did you mean quantize.mode?)" in r.output
+    r = run_cli("run", cfg, "-o", tmp_path / "r", f"data.scale={SCALE}", "baseline.runs=2", "benchmark.runs=3",
+                "quantize.calibration_samples=20")
+    assert r.exit_code == 0, r.output
+    assert "Final model:" in r.output and (tmp_path / "r" / "report.md").exists()
+    r = run_cli("inspect", tmp_path / "r" / "04-quantize" / "model.tflite")
+    assert "kcompress metadata" in r.output and "mode=int8" in r.output
+
+
+def test_compare_and_recommend(cnn_path, ptq_run, tmp_path):
+    _, records, _ = ptq_run
+    r = run_cli("compare", cnn_path, records[-1].model_path, "--data", "digits:val", "--scale", SCALE, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["agreement"] > 0.95 and doc["b"]["size_bytes"] < doc["a"]["size_bytes"]
+    out = tmp_path / "plan.yaml"
+    r = run_cli("recommend", cnn_path, "--target", "mcu", "--max-size-mb", "0.05", "--scale", SCALE, "-o", out)
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    plan = yaml.safe_load(text)
+    assert plan["quantize"]["mode"] == "int8" and plan["quantize"]["io"] == "int8"
+    assert plan["distill"]["enabled"]  # 150k params at ~1 byte each is 3x over 50 kB: more than pruning gives
+    assert "# distill:" in text and "# quantize: microcontrollers run int8" in text
+    r = run_cli("recommend", cnn_path, "--target", "mobile-gpu", "-o", tmp_path / "gpu.yaml")
+    assert yaml.safe_load((tmp_path / "gpu.yaml").read_text())["quantize"]["mode"] == "float16"
