@@ -48,6 +48,7 @@ def _f(default, doc: str):
 class DataConfig:
     train: str = _f("digits:train", "training data: image folder, .npz (x, y) or built-in name")
     val: str = _f("digits:val", "validation data; every stage is validated on all of it")
+    train_limit: Optional[int] = _f(None, "train on a random subset of this many samples (quick experiments)")
     scale: float = _f(1.0, "inputs are multiplied by this (1/255 = 0.00392156862745098 for 0-255 pixels)")
     offset: float = _f(0.0, "then this is added")
     mean: tuple = _f((0.0,), "then subtracted (one value or one per channel)")

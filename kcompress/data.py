@@ -111,6 +111,16 @@ class DataSource:
             self.name, self.kind, self.labels, self.class_names, self.sample_shape, preprocess, self._arrays, self._files
         )
 
+    def subset(self, n: int, seed: int = 0) -> "DataSource":
+        """A random ``n``-sample subset (fixed seed), original order kept; for quick experiments."""
+        if n >= self.num_samples:
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(self.num_samples)[:n])
+        arrays = self._arrays[idx] if self._arrays is not None else None
+        files = tuple(np.asarray(self._files)[idx]) if self._files else ()
+        return DataSource(f"{self.name}[{n}]", self.kind, self.labels[idx], self.class_names, self.sample_shape,
+                          self.preprocess, arrays, files)
+
     def dataset(
         self,
         input_shape: Sequence[Optional[int]],

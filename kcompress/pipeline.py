@@ -65,6 +65,8 @@ class _Ctx:
         d = cfg.data
         pre = Preprocess(scale=d.scale, offset=d.offset, mean=tuple(d.mean), std=tuple(d.std))
         self.train = open_data(d.train, pre)
+        if d.train_limit:
+            self.train = self.train.subset(d.train_limit, seed=cfg.seed)
         self.val = open_data(d.val, pre)
         self.baseline_accuracy: Optional[float] = None
 

@@ -44,11 +44,7 @@ def main() -> None:
     pre = Preprocess(scale=1 / 255)
     train, test = open_data(os.path.join(args.data, "train"), pre), open_data(os.path.join(args.data, "test"), pre)
     if args.train_limit:
-        import numpy as np
-
-        idx = np.sort(np.random.default_rng(0).permutation(train.num_samples)[: args.train_limit])
-        train = type(train)(train.name, train.kind, train.labels[idx], train.class_names, None, pre,
-                            None, tuple(np.asarray(train._files)[idx]))
+        train = train.subset(args.train_limit)
     os.makedirs(args.models_dir, exist_ok=True)
     print(f"train {train.num_samples}, test {test.num_samples if not args.test_limit else args.test_limit}",
           flush=True)
