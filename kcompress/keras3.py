@@ -1,0 +1,779 @@
+"""The Keras 3 <-> tf_keras bridge: read users' Keras 3 models and rebuild them in tf_keras (and back).
+
+tfmot and the rest of kcompress work on tf_keras (Keras 2) models. A Keras 3 model is rebuilt in tf_keras from its
+config, with every layer's config translated (dtype policies, initializer forms, renamed arguments, the Keras 3
+``inbound_nodes`` format), its weights copied layer by layer, and the two models' outputs compared on random inputs.
+:func:`to_keras3` does the reverse, for writing results back as Keras 3 ``.keras`` files.
+
+What is supported: Functional and Sequential models (nested ones too) made of built-in layers that exist in both
+Keras versions with the same meaning. Anything else (custom layers, Keras 3-only layers, Lambda layers, raw ``keras.ops``
+calls in a functional graph) raises :class:`~kcompress.errors.KcompressError` naming the layer; a converter for such a
+layer can be registered with :func:`register_layer_converter`.
+
+Gotchas:
+
+- A layer argument that only one side knows is dropped when its value is the default of that argument (the feature is
+  off), and is an error otherwise: silently dropping e.g. a LoRA rank would change the model.
+- Activations whose names exist on both sides but compute different functions (``hard_sigmoid``) are refused.
+- Verification compares outputs with ``max|a - b| <= rtol * max(1, max|a|)`` (``a`` the source model's output): a
+  relative tolerance on the output's scale, absolute for outputs smaller than 1. Random inputs are standard normal for
+  float inputs, and integers in ``[0, vocab)`` for integer inputs and for every input of a model with an ``Embedding``
+  (``vocab`` its smallest ``input_dim``, else 10); pass
+  ``inputs=`` for models that need real data (string inputs, lookup layers).
+- An inference-only SavedModel (``model.export()``, ``tf.saved_model.save``) has no layers left: it can be converted
+  to TFLite (post-training quantization) but not trained; see :func:`is_exported_savedmodel`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from kcompress._keras import keras, keras3, tf
+from kcompress.errors import KcompressError
+
+__all__ = [
+    "is_keras3_file",
+    "is_keras3_model",
+    "is_exported_savedmodel",
+    "exported_savedmodel_message",
+    "load_keras3",
+    "to_tf_keras",
+    "to_keras3",
+    "save_keras3",
+    "register_layer_converter",
+    "unregister_layer_converter",
+    "DEFAULT_RTOL",
+]
+
+DEFAULT_RTOL = 1e-5
+
+# Activation names that exist in both Keras versions and compute the same function. Keras 3 has more (hard_silu,
+# celu, ...) that tf_keras lacks, and `hard_sigmoid` is a different piecewise function in each.
+_SAME_ACTIVATIONS = frozenset(
+    "elu exponential gelu leaky_relu linear log_softmax mish relu relu6 selu sigmoid silu softmax softplus softsign "
+    "swish tanh".split()
+)
+
+# Per-class argument renames, Keras 3 name -> tf_keras name.
+_RENAMES_TO_TFK: dict[str, dict[str, str]] = {
+    "InputLayer": {"batch_shape": "batch_input_shape"},
+    "LeakyReLU": {"negative_slope": "alpha"},
+}
+
+# Layers that exist in both but cannot be rebuilt faithfully from config.
+_REFUSED = {
+    "Lambda": "it wraps a Python function that was written for one Keras version's ops",
+    "TFSMLayer": "it wraps a SavedModel, not layers",
+}
+
+_MODEL_CLASSES = ("Functional", "Model", "Sequential")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Detection
+
+
+def is_keras3_file(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a model file written by Keras 3 (``.keras`` zip, or legacy ``.h5``).
+
+    tf_keras 2.x writes ``.keras`` zips too; the two differ only in ``metadata.json``'s ``keras_version`` (``"3.x"``
+    against ``"2.x"``), which is what is checked. For ``.h5`` files the root ``keras_version`` attribute is read.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                meta = json.loads(zf.read("metadata.json"))
+        except (KeyError, ValueError, zipfile.BadZipFile):
+            return False
+        return str(meta.get("keras_version", "")).startswith("3.")
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89HDF\r\n\x1a\n":
+            return False
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        version = h5.attrs.get("keras_version", "")
+    if isinstance(version, bytes):
+        version = version.decode()
+    return str(version).startswith("3.")
+
+
+def is_keras3_model(obj: Any) -> bool:
+    """True if ``obj`` is a Keras 3 model (does not import Keras 3 if nothing has yet)."""
+    k3 = sys.modules.get("keras")
+    return k3 is not None and hasattr(k3, "Model") and isinstance(obj, k3.Model)
+
+
+def is_exported_savedmodel(path: str | os.PathLike) -> bool:
+    """True if ``path`` is a SavedModel directory without Keras metadata: an inference-only export.
+
+    Keras 3's ``model.export()``, tf_keras' ``model.export()`` and ``tf.saved_model.save`` write these; tf_keras'
+    ``model.save(dir)`` also writes ``keras_metadata.pb``, from which tf_keras can reload the layers, so that one is
+    not counted. Such an export can be converted to TFLite (``tf.lite.TFLiteConverter.from_saved_model``) only.
+    """
+    path = os.fspath(path)
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "saved_model.pb"))
+        and not os.path.isfile(os.path.join(path, "keras_metadata.pb"))
+    )
+
+
+def exported_savedmodel_message(stage: str, path: str | os.PathLike | None = None) -> str:
+    """The one-line error for a stage (``"distill"``, ``"prune"``, ``"qat"``...) given an inference-only export."""
+    where = f"{os.fspath(path)} is" if path is not None else "the model is"
+    return (
+        f"{stage} needs a trainable Keras model, but {where} an inference-only SavedModel (model.export() or "
+        "tf.saved_model.save): it keeps the computation graph and weights, not the layers, so it can only be "
+        "post-training quantized (quantize with a PTQ mode); for "
+        f"{stage}, pass the .keras or .h5 file the model was saved from instead."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Converter registry
+
+
+@dataclass(frozen=True)
+class _Converter:
+    to_tf_keras: Callable | None
+    to_keras3: Callable | None
+    weights_to_tf_keras: Callable | None
+    weights_to_keras3: Callable | None
+
+
+_CONVERTERS: dict[str, _Converter] = {}
+
+
+def register_layer_converter(
+    class_name: str,
+    to_tf_keras: Callable[[dict], tuple[Any, dict]] | None = None,
+    to_keras3: Callable[[dict], tuple[Any, dict]] | None = None,
+    weights_to_tf_keras: Callable[[list], list] | None = None,
+    weights_to_keras3: Callable[[list], list] | None = None,
+) -> None:
+    """Teach the bridge a layer it does not know (a custom layer, or one only one Keras version has).
+
+    ``class_name`` is the layer's class name, or its registered name (``"package>Name"``). ``to_tf_keras(config)``
+    gets the Keras 3 layer config (a dict, e.g. ``{"name": ..., "factor": 2.0, "dtype": {...}}``) and returns
+    ``(target, config)``: ``target`` is a tf_keras layer class (or the name of a built-in one) and ``config`` the
+    arguments to build it from (``target.from_config(config)``); keep ``config["name"]``. ``to_keras3`` is the same
+    the other way. Weights are copied in ``layer.get_weights()`` order with shapes checked; give
+    ``weights_to_tf_keras(list_of_arrays) -> list_of_arrays`` (or ``weights_to_keras3``) when they must be reordered.
+    The result is verified like any other layer.
+    """
+    _CONVERTERS[class_name] = _Converter(to_tf_keras, to_keras3, weights_to_tf_keras, weights_to_keras3)
+
+
+def unregister_layer_converter(class_name: str) -> None:
+    """Forget a converter registered with :func:`register_layer_converter` (no error if there is none)."""
+    _CONVERTERS.pop(class_name, None)
+
+
+def _find_converter(entry: dict) -> _Converter | None:
+    for key in (entry.get("registered_name"), entry.get("class_name")):
+        if key and key in _CONVERTERS:
+            return _CONVERTERS[key]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def load_keras3(path: str | os.PathLike, custom_objects: dict | None = None, safe_mode: bool = True):
+    """Load a Keras 3 model file with Keras 3 (not compiled). Unknown custom classes become a KcompressError.
+
+    Import the module that defines (and registers, ``@keras.saving.register_keras_serializable()``) any custom layer
+    before calling this, or pass ``custom_objects``. Keras refuses ``Lambda`` layers unless ``safe_mode=False``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise KcompressError(f"model file not found: {path}")
+    k3 = keras3()
+    try:
+        return k3.saving.load_model(path, custom_objects=custom_objects, compile=False, safe_mode=safe_mode)
+    except (TypeError, ValueError) as err:
+        text = " ".join(str(err).split())
+        missing = re.search(r"Could not locate (?:class|function) '([^']+)'", text) or re.search(
+            r"Unknown (?:layer|object): '?([\w.>]+)", text
+        )
+        if missing:
+            name = missing.group(1)
+            raise KcompressError(
+                f"cannot load {path}: it uses the custom class {name!r}, which Keras 3 does not know; import the "
+                "module that defines it (registered with @keras.saving.register_keras_serializable()) before "
+                f"loading, or pass custom_objects={{{name!r}: TheClass}}"
+            ) from err
+        if "safe_mode" in text or "lambda" in text.lower():
+            raise KcompressError(
+                f"cannot load {path}: it contains a Lambda layer, which Keras loads only with safe_mode=False "
+                "(only do that for files you trust); Lambda layers cannot be converted to tf_keras anyway"
+            ) from err
+        raise KcompressError(f"cannot load {path} with Keras 3: {text}") from err
+
+
+def save_keras3(tfk_model, path: str | os.PathLike, verify: bool = True, inputs=None) -> str:
+    """Convert a tf_keras model with :func:`to_keras3` and write it as a Keras 3 ``.keras`` file; returns the path.
+
+    Written to a temporary file in the same directory and renamed, so a crash never leaves half a file. The path
+    must end in ``.keras`` (Keras 3 insists).
+    """
+    path = os.fspath(path)
+    if not path.endswith(".keras"):
+        raise KcompressError(f"a Keras 3 model file must end in .keras: {path}")
+    k3_model = to_keras3(tfk_model, verify=verify, inputs=inputs)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".keras", prefix=".tmp-", dir=directory)
+    os.close(fd)
+    try:
+        k3_model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Conversion
+
+
+class _Side:
+    """One Keras version, as the conversion code needs it."""
+
+    def __init__(self, name: str, pkg):
+        self.name = name
+        self.pkg = pkg
+
+    @property
+    def layers(self):
+        return self.pkg.layers
+
+    def namespace(self, kind: str):
+        return {
+            "initializers": self.pkg.initializers,
+            "regularizers": self.pkg.regularizers,
+            "constraints": self.pkg.constraints,
+        }[kind]
+
+
+def _k3_side() -> _Side:
+    return _Side("Keras 3", keras3())
+
+
+def _tfk_side() -> _Side:
+    return _Side("tf_keras", keras)
+
+
+def to_tf_keras(k3_model, verify: bool = True, inputs=None, rtol: float = DEFAULT_RTOL):
+    """Rebuild a Keras 3 Functional or Sequential model in tf_keras, with its weights; returns the tf_keras model.
+
+    With ``verify`` the two models are run on ``inputs`` (random ones if None) and a KcompressError names the first
+    layer whose output differs by more than ``rtol`` (see the module docstring for the tolerance). The result is not
+    compiled.
+    """
+    if not is_keras3_model(k3_model):
+        raise KcompressError(f"to_tf_keras expects a Keras 3 model, got {type(k3_model).__module__}.{type(k3_model).__name__}")
+    return _convert(k3_model, _k3_side(), _tfk_side(), verify, inputs, rtol)
+
+
+def to_keras3(tfk_model, verify: bool = True, inputs=None, rtol: float = DEFAULT_RTOL):
+    """Rebuild a tf_keras Functional or Sequential model in Keras 3, with its weights; verified like :func:`to_tf_keras`."""
+    if not isinstance(tfk_model, keras.Model):
+        raise KcompressError(f"to_keras3 expects a tf_keras model, got {type(tfk_model).__module__}.{type(tfk_model).__name__}")
+    return _convert(tfk_model, _tfk_side(), _k3_side(), verify, inputs, rtol)
+
+
+def _convert(model, src: _Side, dst: _Side, verify: bool, inputs, rtol: float):
+    class_name = type(model).__name__
+    if class_name not in _MODEL_CLASSES:
+        raise KcompressError(
+            f"only Functional and Sequential models can be converted, not a subclassed model ({class_name}); "
+            "rebuild it with the functional API or save it as an exported SavedModel for post-training quantization"
+        )
+    entry = {"class_name": class_name, "config": model.get_config(), "name": model.name}
+    custom_objects: dict[str, Any] = {}
+    new_entry = _convert_entry(entry, src, dst, custom_objects)
+    target_cls = dst.pkg.Sequential if new_entry["class_name"] == "Sequential" else dst.pkg.Model
+    try:
+        if dst.pkg is keras:
+            with keras.utils.custom_object_scope(custom_objects):
+                new_model = target_cls.from_config(new_entry["config"], custom_objects=custom_objects)
+        else:
+            new_model = target_cls.from_config(new_entry["config"], custom_objects=custom_objects)
+    except KcompressError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any framework error becomes one line for the user
+        raise KcompressError(
+            f"cannot rebuild {model.name!r} in {dst.name}: {' '.join(str(err).split())[:400]}"
+        ) from err
+    _copy_weights(model, new_model, src, dst)
+    if verify:
+        _verify(model, new_model, src, dst, inputs, rtol)
+    return new_model
+
+
+def _convert_entry(entry: dict, src: _Side, dst: _Side, custom_objects: dict) -> dict:
+    """Translate one serialized layer (``{"class_name", "config", "name", "inbound_nodes", ...}``)."""
+    class_name = entry["class_name"]
+    config = entry.get("config", {})
+    name = config.get("name", entry.get("name", "?"))
+    out: dict[str, Any] = {}
+    if class_name in _MODEL_CLASSES and isinstance(config, dict) and "layers" in config:
+        out["class_name"] = "Sequential" if class_name == "Sequential" else "Functional"
+        out["config"] = _convert_model_config(config, class_name == "Sequential", src, dst, custom_objects)
+    else:
+        converter = _find_converter(entry)
+        direction_fn = None
+        if converter is not None:
+            direction_fn = converter.to_tf_keras if dst.pkg is keras else converter.to_keras3
+        if direction_fn is not None:
+            target, new_config = direction_fn(copy.deepcopy(config))
+            if isinstance(target, str):
+                out["class_name"] = target
+            else:
+                out["class_name"] = target.__name__
+                custom_objects[target.__name__] = target
+                out["registered_name"] = target.__name__
+            out["config"] = new_config
+        else:
+            out["class_name"] = class_name
+            out["config"] = _convert_layer_config(entry, name, src, dst)
+    out.setdefault("registered_name", None)
+    if out["class_name"] not in custom_objects:
+        out["module"] = "keras.layers" if out["class_name"] not in _MODEL_CLASSES else None
+    out["name"] = name
+    if "inbound_nodes" in entry:
+        out["inbound_nodes"] = _convert_nodes(entry["inbound_nodes"], name, class_name, src, dst)
+    return out
+
+
+def _convert_model_config(config: dict, sequential: bool, src, dst, custom_objects) -> dict:
+    new = {"name": config.get("name"), "layers": []}
+    if "trainable" in config:
+        new["trainable"] = config["trainable"]
+    for layer_entry in config["layers"]:
+        new["layers"].append(_convert_entry(layer_entry, src, dst, custom_objects))
+    if sequential:
+        if config.get("build_input_shape") is not None:
+            new["build_input_shape"] = config["build_input_shape"]
+    else:
+        for key in ("input_layers", "output_layers"):
+            value = config[key]
+            if dst.pkg is not keras and _is_single_node_list(value):
+                value = value[0]  # Keras 3 writes one input/output as a bare triple; a list would make it a list
+            new[key] = value
+    return new
+
+
+def _is_single_node_list(value) -> bool:
+    return isinstance(value, list) and len(value) == 1 and isinstance(value[0], list) and len(value[0]) == 3 and (
+        isinstance(value[0][0], str)
+    )
+
+
+def _unsupported(name: str, class_name: str, why: str, dst: _Side) -> KcompressError:
+    direction = "to_tf_keras" if dst.pkg is keras else "to_keras3"
+    return KcompressError(
+        f"layer {name!r} ({class_name}) {why}; to convert it, register a converter first: "
+        f"kcompress.keras3.register_layer_converter({class_name!r}, {direction}=fn), where fn(config) returns "
+        f"(layer class in {dst.name}, config)"
+    )
+
+
+def _is_builtin(entry: dict, side: _Side) -> bool:
+    module = entry.get("module") or ""
+    registered = entry.get("registered_name")
+    if module.split(".")[0] not in ("keras", "tf_keras"):
+        return False
+    if registered and registered != entry["class_name"]:
+        return False
+    return getattr(side.layers, entry["class_name"], None) is not None
+
+
+def _convert_layer_config(entry: dict, name: str, src: _Side, dst: _Side) -> dict:
+    class_name = entry["class_name"]
+    if class_name in _REFUSED:
+        raise _unsupported(name, class_name, f"cannot be converted: {_REFUSED[class_name]}", dst)
+    if not _is_builtin(entry, src):
+        raise _unsupported(name, class_name, f"is a custom layer ({entry.get('module') or 'no module'})", dst)
+    target_cls = getattr(dst.layers, class_name, None)
+    if target_cls is None or not isinstance(target_cls, type):
+        raise _unsupported(name, class_name, f"has no {dst.name} counterpart", dst)
+    src_cls = getattr(src.layers, class_name)
+    config = dict(entry["config"])
+    renames = _RENAMES_TO_TFK.get(class_name, {})
+    if dst.pkg is not keras:
+        renames = {v: k for k, v in renames.items()}
+    for old, new in renames.items():
+        if old in config:
+            config[new] = config.pop(old)
+    if class_name == "BatchNormalization" and isinstance(config.get("axis"), list) and len(config["axis"]) == 1:
+        config["axis"] = config["axis"][0]  # tf_keras stores [3] after building; Keras 3 wants an int
+    accepted = _accepted_args(target_cls, dst)
+    src_defaults = _defaults(src_cls)
+    out = {}
+    for key, value in config.items():
+        value = _convert_value(value, key, name, class_name, src, dst)
+        if key in accepted:
+            out[key] = value
+        elif _is_default(key, entry["config"].get(key, value), src_defaults):
+            continue
+        else:
+            raise _unsupported(
+                name, class_name, f"sets {key}={entry['config'].get(key, value)!r}, which {dst.name} does not have", dst
+            )
+    return out
+
+
+_TFK_LAYER_KWARGS = {"input_dim", "input_shape", "batch_input_shape", "batch_size", "weights", "activity_regularizer",
+                     "autocast", "trainable", "name", "dtype", "dynamic"}
+_K3_LAYER_KWARGS = {"input_dim", "input_shape", "activity_regularizer", "trainable", "dtype", "autocast", "name"}
+
+
+def _accepted_args(cls, side: _Side) -> set[str]:
+    """Keyword arguments ``cls(...)`` accepts, following ``**kwargs`` up the class hierarchy."""
+    keys: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            break
+        var_kw = False
+        for p in params:
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                var_kw = True
+            elif p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                keys.add(p.name)
+        if not var_kw:
+            break
+    keys.discard("self")
+    if issubclass(cls, side.pkg.layers.Layer):
+        keys |= _TFK_LAYER_KWARGS if side.pkg is keras else _K3_LAYER_KWARGS
+    return keys
+
+
+def _defaults(cls) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        for p in params:
+            if p.default is not inspect.Parameter.empty:
+                out[p.name] = p.default
+    return out
+
+
+def _is_default(key: str, value: Any, defaults: dict[str, Any]) -> bool:
+    if value is None or value is False or value in ([], {}, ()):
+        return True
+    if key in defaults:
+        default = defaults[key]
+        if isinstance(default, tuple):
+            default = list(default)
+        try:
+            return bool(value == default)
+        except Exception:  # noqa: BLE001 - incomparable values are not defaults
+            return False
+    return False
+
+
+def _convert_value(value, key: str, name: str, class_name: str, src: _Side, dst: _Side):
+    """Translate one layer argument: dtype policies, serialized initializers/regularizers/constraints, activations."""
+    if key == "dtype":
+        return _convert_dtype(value, name, class_name, dst)
+    if key == "activation" or key == "recurrent_activation":
+        return _convert_activation(value, name, class_name, dst)
+    if isinstance(value, dict) and "class_name" in value and "config" in value:
+        module = value.get("module") or ""
+        kind = module.split(".")[-1] if module else ""
+        if kind == "layers" or value["class_name"] in _MODEL_CLASSES:
+            # a wrapped layer (Bidirectional, TimeDistributed)
+            inner = _convert_entry(value, src, dst, {})
+            return {k: inner[k] for k in ("class_name", "config", "module", "registered_name") if k in inner}
+        if kind in ("initializers", "regularizers", "constraints"):
+            return _convert_object(value, kind, name, class_name, key, src, dst)
+        if value["class_name"] in ("DTypePolicy", "FloatDTypePolicy", "Policy"):
+            return _convert_dtype(value, name, class_name, dst)
+    return value
+
+
+def _convert_object(value: dict, kind: str, name: str, class_name: str, key: str, src: _Side, dst: _Side) -> dict:
+    obj_name = value["class_name"]
+    target = getattr(dst.namespace(kind), obj_name, None)
+    source = getattr(src.namespace(kind), obj_name, None)
+    if target is None or source is None or (value.get("registered_name") not in (None, obj_name)):
+        raise _unsupported(name, class_name, f"uses {key}={obj_name}, which has no {dst.name} counterpart", dst)
+    accepted = _accepted_args(target, dst)
+    defaults = _defaults(source)
+    config = {}
+    for k, v in (value.get("config") or {}).items():
+        if k in accepted:
+            config[k] = v
+        elif not _is_default(k, v, defaults):
+            raise _unsupported(name, class_name, f"uses {key}={obj_name}({k}={v!r}), which {dst.name} lacks", dst)
+    return {"module": f"keras.{kind}", "class_name": obj_name, "config": config, "registered_name": None}
+
+
+def _convert_dtype(value, name: str, class_name: str, dst: _Side):
+    if isinstance(value, dict):
+        policy = value.get("class_name")
+        if policy not in ("DTypePolicy", "FloatDTypePolicy", "Policy"):
+            raise _unsupported(name, class_name, f"uses the dtype policy {policy} (quantized?), not a float one", dst)
+        value = value["config"]["name"]
+    return value
+
+
+def _convert_activation(value, name: str, class_name: str, dst: _Side):
+    if value is None:
+        return value
+    if isinstance(value, dict):
+        act = value.get("config") if value.get("class_name") == "function" else None
+        if not isinstance(act, str):
+            raise _unsupported(name, class_name, f"uses a custom activation ({value.get('class_name')})", dst)
+        value = act
+    if value not in _SAME_ACTIVATIONS:
+        raise _unsupported(
+            name, class_name, f"uses the activation {value!r}, which does not compute the same in both Keras versions",
+            dst,
+        )
+    return value
+
+
+def _convert_nodes(nodes: list, name: str, class_name: str, src: _Side, dst: _Side) -> list:
+    """Keras 3 nodes ``{"args": [...], "kwargs": {...}}`` <-> Keras 2 nodes ``[[layer, node, tensor, kwargs], ...]``.
+
+    Keras 3 reads the Keras 2 form too (its legacy path), so the Keras 2 form is produced in both directions.
+    """
+    out = []
+    for node in nodes:
+        if isinstance(node, dict):
+            args, kwargs = node.get("args", []), node.get("kwargs", {})
+            tensors = _keras3_tensors(args)
+            if len(args) > 1 or not tensors:
+                raise _unsupported(
+                    name, class_name, "is called with several positional arguments or no tensor input", dst
+                )
+            plain_kwargs = {}
+            for k, v in kwargs.items():
+                if _keras3_tensors(v):
+                    raise _unsupported(name, class_name, f"is called with a tensor argument {k}=", dst)
+                if v is not None:
+                    plain_kwargs[k] = v
+            out.append([[t[0], t[1], t[2], plain_kwargs] for t in tensors])
+        else:
+            out.append(node)
+    return out
+
+
+def _keras3_tensors(obj) -> list:
+    """The ``keras_history`` triples of the serialized Keras 3 tensors in ``obj``, in order."""
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "__keras_tensor__":
+            return [obj["config"]["keras_history"]]
+        return [t for v in obj.values() for t in _keras3_tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _keras3_tensors(v)]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def _copy_weights(src_model, dst_model, src: _Side, dst: _Side) -> None:
+    """Copy weights layer by layer (matched by name), recursing into nested models; shapes must agree."""
+    for layer in src_model.layers:
+        try:
+            target = dst_model.get_layer(layer.name)
+        except ValueError as err:
+            raise KcompressError(f"layer {layer.name!r} is missing from the rebuilt {dst.name} model") from err
+        if _is_model(layer):
+            _copy_weights(layer, target, src, dst)
+            continue
+        weights = layer.get_weights()
+        converter = _find_converter({"class_name": type(layer).__name__,
+                                     "registered_name": _registered_name(layer)})
+        fn = None
+        if converter is not None:
+            fn = converter.weights_to_tf_keras if dst.pkg is keras else converter.weights_to_keras3
+        if fn is not None:
+            weights = list(fn(weights))
+        expected = [tuple(w.shape) for w in target.get_weights()]
+        got = [tuple(np.shape(w)) for w in weights]
+        if expected != got:
+            raise KcompressError(
+                f"layer {layer.name!r} ({type(layer).__name__}): weight shapes {got} do not fit the rebuilt "
+                f"{dst.name} layer's {expected}"
+            )
+        if weights:
+            target.set_weights(weights)
+
+
+def _is_model(layer) -> bool:
+    return type(layer).__name__ in _MODEL_CLASSES and hasattr(layer, "layers")
+
+
+def _registered_name(layer) -> str | None:
+    k3 = sys.modules.get("keras")
+    if k3 is not None and isinstance(layer, k3.layers.Layer):
+        return k3.saving.get_registered_name(type(layer))
+    return keras.utils.get_registered_name(type(layer))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Verification
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "numpy"):
+        return np.asarray(x.numpy())
+    k3 = sys.modules.get("keras")
+    if k3 is not None:
+        return np.asarray(k3.ops.convert_to_numpy(x))
+    return np.asarray(x)
+
+
+def _run(model, xs: list[np.ndarray]) -> list[np.ndarray]:
+    feed = xs[0] if len(xs) == 1 else list(xs)
+    out = model(feed, training=False)
+    return [_to_numpy(o) for o in tf.nest.flatten(out)]
+
+
+def _close(a: np.ndarray, b: np.ndarray, rtol: float) -> tuple[bool, float, float]:
+    """``max|a-b| <= rtol * max(1, max|a|)``; returns (ok, max abs difference, allowed difference)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return False, float("inf"), 0.0
+    if a.size == 0:
+        return True, 0.0, 0.0
+    diff = float(np.max(np.abs(a - b)))
+    allowed = rtol * max(1.0, float(np.max(np.abs(a))))
+    return bool(diff <= allowed), diff, allowed
+
+
+def _random_inputs(model, seed: int = 0) -> list[np.ndarray]:
+    """One random batch of 2 per model input (see the module docstring for the distributions)."""
+    rng = np.random.default_rng(seed)
+    vocab = _min_vocab(model)
+    xs = []
+    for t in model.inputs:
+        shape = [2 if d is None else int(d) for d in t.shape]
+        dtype = np.dtype(str(getattr(t.dtype, "name", t.dtype)))
+        if np.issubdtype(dtype, np.integer) or vocab is not None:
+            xs.append(rng.integers(0, vocab or 10, size=shape).astype(dtype))
+        elif np.issubdtype(dtype, np.floating):
+            xs.append(rng.standard_normal(shape).astype(dtype))
+        elif dtype == np.bool_:
+            xs.append(rng.integers(0, 2, size=shape).astype(bool))
+        else:
+            raise KcompressError(
+                f"cannot make random {dtype} inputs for input {t.name!r} to verify the conversion; pass inputs="
+            )
+    return xs
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if _is_model(layer):
+            yield from _all_layers(layer)
+
+
+def _min_vocab(model) -> int | None:
+    dims = [int(layer.input_dim) for layer in _all_layers(model) if type(layer).__name__ == "Embedding"]
+    return min(dims) if dims else None
+
+
+def _verify(src_model, dst_model, src: _Side, dst: _Side, inputs, rtol: float) -> None:
+    if inputs is None:
+        xs = _random_inputs(src_model)
+    else:
+        xs = [np.asarray(x) for x in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+    try:
+        want = _run(src_model, xs)
+        got = _run(dst_model, xs)
+    except Exception as err:  # noqa: BLE001
+        raise KcompressError(f"cannot run the models to verify the conversion: {' '.join(str(err).split())[:300]}") from err
+    if len(want) == len(got) and all(_close(a, b, rtol)[0] for a, b in zip(want, got)):
+        return
+    culprit = _first_differing_layer(src_model, dst_model, src, dst, xs, rtol)
+    if culprit:
+        raise KcompressError(f"the {dst.name} model does not match the {src.name} model: {culprit}")
+    diffs = [_close(a, b, rtol)[1] for a, b in zip(want, got)]
+    raise KcompressError(
+        f"the {dst.name} model does not match the {src.name} model: output max abs difference {max(diffs):.3g} "
+        f"(tolerance rtol={rtol:g})"
+    )
+
+
+def _first_differing_layer(src_model, dst_model, src: _Side, dst: _Side, xs, rtol: float) -> str | None:
+    """Run every top-level layer's output on both sides and describe the first one that differs, if any."""
+    names, src_outs, dst_outs = [], [], []
+    for layer in src_model.layers:
+        if type(layer).__name__ == "InputLayer":
+            continue
+        try:
+            s = _last_output(layer, src)
+            d = _last_output(dst_model.get_layer(layer.name), dst)
+        except Exception:  # noqa: BLE001 - a layer without a single output is skipped
+            continue
+        names.append(layer.name)
+        src_outs.append(s)
+        dst_outs.append(d)
+    if not names:
+        return None
+    try:
+        src_probe = src.pkg.Model(src_model.inputs, src_outs)
+        dst_probe = dst.pkg.Model(dst_model.inputs, dst_outs)
+        src_vals = _run(src_probe, xs)
+        dst_vals = _run(dst_probe, xs)
+    except Exception:  # noqa: BLE001 - diagnosis is best effort; the caller still raises
+        return None
+    s_iter = iter(src_vals)
+    d_iter = iter(dst_vals)
+    for name, s_out in zip(names, src_outs):
+        for _ in tf.nest.flatten(s_out):
+            a, b = next(s_iter), next(d_iter)
+            ok, diff, allowed = _close(a, b, rtol)
+            if not ok:
+                layer = src_model.get_layer(name)
+                return (
+                    f"layer {name!r} ({type(layer).__name__}) is the first to differ: max abs difference {diff:.3g} "
+                    f"> {allowed:.3g}"
+                )
+    return None
+
+
+def _last_output(layer, side: _Side):
+    """The layer's output in its last call (the outer model's, for nested models)."""
+    if side.pkg is keras:
+        return layer.get_output_at(-1)
+    return layer._inbound_nodes[-1].outputs if len(layer._inbound_nodes[-1].outputs) > 1 else (
+        layer._inbound_nodes[-1].outputs[0]
+    )
