@@ -329,7 +329,7 @@ def _convert(model, src: _Side, dst: _Side, verify: bool, inputs, rtol: float):
     return new_model
 
 
-def _convert_entry(entry: dict, src: _Side, dst: _Side, custom_objects: dict) -> dict:
+def _convert_entry(entry: dict, src: _Side, dst: _Side, custom_objects: dict, graph: _Graph | None = None) -> dict:
     """Translate one serialized layer (``{"class_name", "config", "name", "inbound_nodes", ...}``)."""
     class_name = entry["class_name"]
     config = entry.get("config", {})
@@ -357,29 +357,87 @@ def _convert_entry(entry: dict, src: _Side, dst: _Side, custom_objects: dict) ->
             out["config"] = _convert_layer_config(entry, name, src, dst)
     out.setdefault("registered_name", None)
     if out["class_name"] not in custom_objects:
-        out["module"] = "keras.layers" if out["class_name"] not in _MODEL_CLASSES else None
+        out["module"] = "keras.layers" if out["class_name"] not in _MODEL_CLASSES else "keras"
     out["name"] = name
     if "inbound_nodes" in entry:
-        out["inbound_nodes"] = _convert_nodes(entry["inbound_nodes"], name, class_name, src, dst)
+        out["inbound_nodes"] = _convert_nodes(entry["inbound_nodes"], name, class_name, dst, graph or _Graph())
     return out
+
+
+@dataclass
+class _Graph:
+    """What converting one functional graph's nodes needs to know about the graph."""
+
+    # Node-index shift per nested model: tf_keras counts a nested model's own construction as its node 0, so the
+    # outer call is node 1 there and node 0 in Keras 3.
+    node_shift: dict[str, int] | None = None
+    # Keras 3 `keras.ops` layers whose outputs are only used as `mask=` arguments (Embedding(mask_zero=True) adds
+    # a NotEqual op); tf_keras propagates masks by itself, so they and the mask arguments are dropped.
+    mask_ops: frozenset = frozenset()
 
 
 def _convert_model_config(config: dict, sequential: bool, src, dst, custom_objects) -> dict:
     new = {"name": config.get("name"), "layers": []}
     if "trainable" in config:
         new["trainable"] = config["trainable"]
+    graph = _Graph()
+    if not sequential:
+        sign = 1 if dst.pkg is keras else -1
+        graph = _Graph({e["name"]: sign for e in config["layers"] if _has_own_node(e)}, _mask_only_ops(config))
     for layer_entry in config["layers"]:
-        new["layers"].append(_convert_entry(layer_entry, src, dst, custom_objects))
+        if layer_entry.get("name") in graph.mask_ops:
+            continue
+        new["layers"].append(_convert_entry(layer_entry, src, dst, custom_objects, graph))
     if sequential:
         if config.get("build_input_shape") is not None:
             new["build_input_shape"] = config["build_input_shape"]
     else:
         for key in ("input_layers", "output_layers"):
-            value = config[key]
+            value = _shift_refs(copy.deepcopy(config[key]), graph.node_shift)
             if dst.pkg is not keras and _is_single_node_list(value):
                 value = value[0]  # Keras 3 writes one input/output as a bare triple; a list would make it a list
             new[key] = value
     return new
+
+
+def _has_own_node(entry: dict) -> bool:
+    """True for nested models that tf_keras gives a node of their own before the outer call."""
+    if entry["class_name"] in ("Functional", "Model"):
+        return True
+    layers = entry.get("config", {}).get("layers", [])
+    return entry["class_name"] == "Sequential" and bool(layers) and layers[0]["class_name"] == "InputLayer"
+
+
+def _shift_refs(value, shift: dict[str, int] | None):
+    """Shift node indices in ``[layer, node, tensor]`` references (nested lists) by ``shift[layer]``."""
+    if not shift or not isinstance(value, list):
+        return value
+    if len(value) == 3 and isinstance(value[0], str) and isinstance(value[1], int):
+        return [value[0], value[1] + shift.get(value[0], 0), value[2]]
+    return [_shift_refs(v, shift) for v in value]
+
+
+def _mask_only_ops(config: dict) -> frozenset:
+    """Names of Keras 3 op layers (``keras.src.ops.*``) whose outputs feed nothing but ``mask=`` arguments."""
+    ops = {e["name"] for e in config["layers"] if str(e.get("module") or "").startswith("keras.src.ops")}
+    if not ops:
+        return frozenset()
+    used_otherwise: set[str] = set()
+    for entry in config["layers"]:
+        for node in entry.get("inbound_nodes", []):
+            if not isinstance(node, dict):
+                continue
+            refs = _keras3_tensors(node.get("args", []))
+            refs += [t for k, v in node.get("kwargs", {}).items() if k != "mask" for t in _keras3_tensors(v)]
+            used_otherwise.update(t[0] for t in refs)
+    used_otherwise.update(ref[0] for ref in _flat_refs(config.get("output_layers", [])))
+    return frozenset(ops - used_otherwise)
+
+
+def _flat_refs(value) -> list:
+    if isinstance(value, list) and len(value) == 3 and isinstance(value[0], str):
+        return [value]
+    return [r for v in value for r in _flat_refs(v)] if isinstance(value, list) else []
 
 
 def _is_single_node_list(value) -> bool:
@@ -411,8 +469,11 @@ def _convert_layer_config(entry: dict, name: str, src: _Side, dst: _Side) -> dic
     class_name = entry["class_name"]
     if class_name in _REFUSED:
         raise _unsupported(name, class_name, f"cannot be converted: {_REFUSED[class_name]}", dst)
+    module = str(entry.get("module") or "")
+    if module.startswith("keras.src.ops"):
+        raise _unsupported(name, class_name, f"is a keras.ops call ({module}) in the graph, not a layer", dst)
     if not _is_builtin(entry, src):
-        raise _unsupported(name, class_name, f"is a custom layer ({entry.get('module') or 'no module'})", dst)
+        raise _unsupported(name, class_name, f"is a custom layer ({module or 'no module'})", dst)
     target_cls = getattr(dst.layers, class_name, None)
     if target_cls is None or not isinstance(target_cls, type):
         raise _unsupported(name, class_name, f"has no {dst.name} counterpart", dst)
@@ -424,6 +485,8 @@ def _convert_layer_config(entry: dict, name: str, src: _Side, dst: _Side) -> dic
     for old, new in renames.items():
         if old in config:
             config[new] = config.pop(old)
+    if dst.pkg is not keras and class_name != "InputLayer" and config.get("batch_input_shape"):
+        config["input_shape"] = config.pop("batch_input_shape")[1:]  # tf_keras' first-layer shape; Keras 3 form
     if class_name == "BatchNormalization" and isinstance(config.get("axis"), list) and len(config["axis"]) == 1:
         config["axis"] = config["axis"][0]  # tf_keras stores [3] after building; Keras 3 wants an int
     accepted = _accepted_args(target_cls, dst)
@@ -564,8 +627,8 @@ def _convert_activation(value, name: str, class_name: str, dst: _Side):
     return value
 
 
-def _convert_nodes(nodes: list, name: str, class_name: str, src: _Side, dst: _Side) -> list:
-    """Keras 3 nodes ``{"args": [...], "kwargs": {...}}`` <-> Keras 2 nodes ``[[layer, node, tensor, kwargs], ...]``.
+def _convert_nodes(nodes: list, name: str, class_name: str, dst: _Side, graph: _Graph) -> list:
+    """Keras 3 nodes ``{"args": [...], "kwargs": {...}}`` -> Keras 2 nodes ``[[layer, node, tensor, kwargs], ...]``.
 
     Keras 3 reads the Keras 2 form too (its legacy path), so the Keras 2 form is produced in both directions.
     """
@@ -580,13 +643,26 @@ def _convert_nodes(nodes: list, name: str, class_name: str, src: _Side, dst: _Si
                 )
             plain_kwargs = {}
             for k, v in kwargs.items():
-                if _keras3_tensors(v):
+                refs = _keras3_tensors(v)
+                if k == "mask" and refs and all(r[0] in graph.mask_ops for r in refs):
+                    continue  # tf_keras propagates the mask itself
+                if refs:
                     raise _unsupported(name, class_name, f"is called with a tensor argument {k}=", dst)
                 if v is not None:
                     plain_kwargs[k] = v
-            out.append([[t[0], t[1], t[2], plain_kwargs] for t in tensors])
-        else:
-            out.append(node)
+            node = [[t[0], t[1], t[2], plain_kwargs] for t in tensors]
+        out.append(_shift_node(node, graph.node_shift))
+    return out
+
+
+def _shift_node(node: list, shift: dict[str, int] | None) -> list:
+    if not shift:
+        return node
+    out = []
+    for ref in node:
+        if isinstance(ref, list) and ref and isinstance(ref[0], str):
+            ref = [ref[0], ref[1] + shift.get(ref[0], 0), *ref[2:]]
+        out.append(ref)
     return out
 
 
