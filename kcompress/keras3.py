@@ -446,7 +446,9 @@ def _is_single_node_list(value) -> bool:
     )
 
 
-def _unsupported(name: str, class_name: str, why: str, dst: _Side) -> KcompressError:
+def _unsupported(name: str, class_name: str, why: str, dst: _Side, hint: bool = True) -> KcompressError:
+    if not hint:
+        return KcompressError(f"layer {name!r} ({class_name}) {why}")
     direction = "to_tf_keras" if dst.pkg is keras else "to_keras3"
     return KcompressError(
         f"layer {name!r} ({class_name}) {why}; to convert it, register a converter first: "
@@ -532,6 +534,8 @@ def _accepted_args(cls, side: _Side) -> set[str]:
     keys.discard("self")
     if issubclass(cls, side.pkg.layers.Layer):
         keys |= _TFK_LAYER_KWARGS if side.pkg is keras else _K3_LAYER_KWARGS
+    if side.pkg is keras and issubclass(cls, keras.layers.RNN):
+        keys |= {"zero_output_for_mask"}  # popped from **kwargs by tf_keras' RNN
     return keys
 
 
@@ -551,13 +555,26 @@ def _defaults(cls) -> dict[str, Any]:
     return out
 
 
+# Values that mean "the usual behaviour" where one side has no such argument.
+_NEUTRAL = {"data_format": "channels_last"}
+# Arguments that choose how a layer computes (kernels, random generators), not what: dropped when the other side lacks
+# them.
+_HOW_NOT_WHAT = frozenset({"implementation", "rng_type", "fused", "use_cudnn"})
+
+
 def _is_default(key: str, value: Any, defaults: dict[str, Any]) -> bool:
-    if value is None or value is False or value in ([], {}, ()):
+    if key in _HOW_NOT_WHAT or value is None or value is False or value in ([], {}, ()):
+        return True
+    if _NEUTRAL.get(key, object()) == value:
         return True
     if key in defaults:
         default = defaults[key]
         if isinstance(default, tuple):
             default = list(default)
+        if isinstance(value, dict) and isinstance(default, str) and "class_name" in value:
+            # a serialized initializer against its default name: GlorotUniform(seed=None) == "glorot_uniform"
+            snake = re.sub(r"(?<!^)(?=[A-Z])", "_", value["class_name"]).lower()
+            return snake == default and all(v is None for v in (value.get("config") or {}).values())
         try:
             return bool(value == default)
         except Exception:  # noqa: BLE001 - incomparable values are not defaults
@@ -639,7 +656,9 @@ def _convert_nodes(nodes: list, name: str, class_name: str, dst: _Side, graph: _
             tensors = _keras3_tensors(args)
             if len(args) > 1 or not tensors:
                 raise _unsupported(
-                    name, class_name, "is called with several positional arguments or no tensor input", dst
+                    name, class_name, "is called with several tensor arguments or none (like MultiHeadAttention"
+                    "(query, value)); only layers called on one tensor or one list of tensors can be converted",
+                    dst, hint=False,
                 )
             plain_kwargs = {}
             for k, v in kwargs.items():
@@ -647,9 +666,12 @@ def _convert_nodes(nodes: list, name: str, class_name: str, dst: _Side, graph: _
                 if k == "mask" and refs and all(r[0] in graph.mask_ops for r in refs):
                     continue  # tf_keras propagates the mask itself
                 if refs:
-                    raise _unsupported(name, class_name, f"is called with a tensor argument {k}=", dst)
-                if v is not None:
-                    plain_kwargs[k] = v
+                    raise _unsupported(
+                        name, class_name, f"is called with a tensor argument {k}=; only layers called on one tensor "
+                        "or one list of tensors can be converted", dst, hint=False,
+                    )
+                if v is not None and k != "training":
+                    plain_kwargs[k] = v  # Keras 3 records call defaults such as training=True; the outer call decides
             node = [[t[0], t[1], t[2], plain_kwargs] for t in tensors]
         out.append(_shift_node(node, graph.node_shift))
     return out
@@ -708,6 +730,8 @@ def _copy_weights(src_model, dst_model, src: _Side, dst: _Side) -> None:
             )
         if weights:
             target.set_weights(weights)
+            if hasattr(target, "finalize_state"):
+                target.finalize_state()  # Normalization & co. derive their tensors from the adapted variables
 
 
 def _is_model(layer) -> bool:
@@ -825,8 +849,8 @@ def _first_differing_layer(src_model, dst_model, src: _Side, dst: _Side, xs, rto
     if not names:
         return None
     try:
-        src_probe = src.pkg.Model(src_model.inputs, src_outs)
-        dst_probe = dst.pkg.Model(dst_model.inputs, dst_outs)
+        src_probe = src.pkg.Model(_inputs_arg(src_model), src_outs)
+        dst_probe = dst.pkg.Model(_inputs_arg(dst_model), dst_outs)
         src_vals = _run(src_probe, xs)
         dst_vals = _run(dst_probe, xs)
     except Exception:  # noqa: BLE001 - diagnosis is best effort; the caller still raises
@@ -844,6 +868,10 @@ def _first_differing_layer(src_model, dst_model, src: _Side, dst: _Side, xs, rto
                     f"> {allowed:.3g}"
                 )
     return None
+
+
+def _inputs_arg(model):
+    return model.inputs[0] if len(model.inputs) == 1 else model.inputs
 
 
 def _last_output(layer, side: _Side):
