@@ -208,6 +208,41 @@ def test_nested_model_converts():
     assert_close(k3.ops.convert_to_numpy(model(x)), tfk_model(x).numpy(), 1e-5)
 
 
+def _preprocessing_model():
+    inp = k3.Input((16, 16, 3))
+    x = L.Rescaling(1 / 127.5, offset=-1)(inp)
+    x = L.RandomFlip()(x)
+    x = L.RandomRotation(0.1)(x)  # Keras 3 records training=True on the node; inference must stay identity
+    x = L.Resizing(8, 8)(x)
+    return k3.Model(inp, L.SeparableConv2D(4, 3)(x))
+
+
+def _recurrent_model():
+    inp = k3.Input((6, 5))
+    x = L.LSTM(4, return_sequences=True)(inp)
+    x = L.Bidirectional(L.GRU(3, return_sequences=True))(x)
+    return k3.Model(inp, L.TimeDistributed(L.Dense(2))(x))
+
+
+def _adapted_normalization_model():
+    norm = L.Normalization()
+    norm.adapt(np.random.default_rng(0).uniform(0, 5, (20, 4)).astype("float32"))
+    inp = k3.Input((4,))
+    return k3.Model(inp, L.Dense(3)(norm(inp)))
+
+
+@pytest.mark.parametrize("build", [_preprocessing_model, _recurrent_model, _adapted_normalization_model])
+def test_layers_whose_arguments_differ_convert_both_ways(build):
+    model = build()
+    tfk_model = bridge.to_tf_keras(model)
+    back = bridge.to_keras3(tfk_model)
+    shape = [2] + [int(d) for d in model.inputs[0].shape[1:]]
+    x = np.random.default_rng(5).uniform(0, 3, shape).astype("float32")
+    want = k3.ops.convert_to_numpy(model(x, training=False))
+    assert_close(want, tfk_model(x, training=False).numpy(), 1e-5)
+    assert_close(want, k3.ops.convert_to_numpy(back(x, training=False)), 1e-5)
+
+
 def test_tf_keras_dot_keras_file_is_not_keras3(tmp_path):
     inp = keras.Input((5,))
     model = keras.Model(inp, keras.layers.Dense(2)(inp))
