@@ -6,20 +6,27 @@ config, with every layer's config translated (dtype policies, initializer forms,
 :func:`to_keras3` does the reverse, for writing results back as Keras 3 ``.keras`` files.
 
 What is supported: Functional and Sequential models (nested ones too) made of built-in layers that exist in both
-Keras versions with the same meaning. Anything else (custom layers, Keras 3-only layers, Lambda layers, raw ``keras.ops``
-calls in a functional graph) raises :class:`~kcompress.errors.KcompressError` naming the layer; a converter for such a
-layer can be registered with :func:`register_layer_converter`.
+Keras versions with the same meaning. Anything else (custom layers, Keras 3-only layers, Lambda layers, raw
+``keras.ops`` calls in a functional graph, layers called on several tensor arguments such as
+``MultiHeadAttention(query, value)``) raises :class:`~kcompress.errors.KcompressError` naming the layer; a converter
+for a custom or Keras 3-only layer can be registered with :func:`register_layer_converter`. Subclassed models cannot
+be rebuilt at all.
 
 Gotchas:
 
 - A layer argument that only one side knows is dropped when its value is the default of that argument (the feature is
   off), and is an error otherwise: silently dropping e.g. a LoRA rank would change the model.
 - Activations whose names exist on both sides but compute different functions (``hard_sigmoid``) are refused.
+- ``training=`` arguments recorded on functional nodes are dropped (Keras 3 records the call default, e.g.
+  ``training=True`` for random augmentation layers, which tf_keras would obey even at inference); so a layer called
+  with an explicit ``training=True`` (Monte Carlo dropout) follows the outer call after conversion.
+- Keras 3 writes ``Embedding(mask_zero=True)`` masks as a ``NotEqual`` op feeding ``mask=``; tf_keras propagates
+  masks by itself, so that op and argument are dropped.
 - Verification compares outputs with ``max|a - b| <= rtol * max(1, max|a|)`` (``a`` the source model's output): a
   relative tolerance on the output's scale, absolute for outputs smaller than 1. Random inputs are standard normal for
   float inputs, and integers in ``[0, vocab)`` for integer inputs and for every input of a model with an ``Embedding``
-  (``vocab`` its smallest ``input_dim``, else 10); pass
-  ``inputs=`` for models that need real data (string inputs, lookup layers).
+  (``vocab`` its smallest ``input_dim``, else 10); pass ``inputs=`` for models that need real data (string inputs,
+  lookup layers).
 - An inference-only SavedModel (``model.export()``, ``tf.saved_model.save``) has no layers left: it can be converted
   to TFLite (post-training quantization) but not trained; see :func:`is_exported_savedmodel`.
 """
@@ -201,15 +208,22 @@ def to_tf_keras(k3_model, verify: bool = True, inputs=None, rtol: float = DEFAUL
     compiled.
     """
     if not is_keras3_model(k3_model):
-        raise KcompressError(f"to_tf_keras expects a Keras 3 model, got {type(k3_model).__module__}.{type(k3_model).__name__}")
+        raise KcompressError(f"to_tf_keras expects a Keras 3 model, got {_type_name(k3_model)}")
     return _convert(k3_model, _k3_side(), _tfk_side(), verify, inputs, rtol)
 
 
 def to_keras3(tfk_model, verify: bool = True, inputs=None, rtol: float = DEFAULT_RTOL):
-    """Rebuild a tf_keras Functional or Sequential model in Keras 3, with its weights; verified like :func:`to_tf_keras`."""
+    """Rebuild a tf_keras Functional or Sequential model in Keras 3, with its weights; verified like to_tf_keras.
+
+    Strip tfmot wrappers first (``strip_pruning``; QAT models are not convertible): they are custom layers here.
+    """
     if not isinstance(tfk_model, keras.Model):
-        raise KcompressError(f"to_keras3 expects a tf_keras model, got {type(tfk_model).__module__}.{type(tfk_model).__name__}")
+        raise KcompressError(f"to_keras3 expects a tf_keras model, got {_type_name(tfk_model)}")
     return _convert(tfk_model, _tfk_side(), _k3_side(), verify, inputs, rtol)
+
+
+def _type_name(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__name__}"
 
 
 def _convert(model, src: _Side, dst: _Side, verify: bool, inputs, rtol: float):
@@ -224,13 +238,7 @@ def _convert(model, src: _Side, dst: _Side, verify: bool, inputs, rtol: float):
     new_entry = _convert_entry(entry, src, dst, custom_objects)
     target_cls = dst.pkg.Sequential if new_entry["class_name"] == "Sequential" else dst.pkg.Model
     try:
-        if dst.pkg is keras:
-            with keras.utils.custom_object_scope(custom_objects):
-                new_model = target_cls.from_config(new_entry["config"], custom_objects=custom_objects)
-        else:
-            new_model = target_cls.from_config(new_entry["config"], custom_objects=custom_objects)
-    except KcompressError:
-        raise
+        new_model = target_cls.from_config(new_entry["config"], custom_objects=custom_objects)
     except Exception as err:  # noqa: BLE001 - any framework error becomes one line for the user
         raise KcompressError(
             f"cannot rebuild {model.name!r} in {dst.name}: {' '.join(str(err).split())[:400]}"
@@ -315,7 +323,8 @@ def _verify(src_model, dst_model, src: _Side, dst: _Side, inputs, rtol: float) -
         want = _run(src_model, xs)
         got = _run(dst_model, xs)
     except Exception as err:  # noqa: BLE001
-        raise KcompressError(f"cannot run the models to verify the conversion: {' '.join(str(err).split())[:300]}") from err
+        text = " ".join(str(err).split())[:300]
+        raise KcompressError(f"cannot run the models to verify the conversion: {text}") from err
     if len(want) == len(got) and all(_close(a, b, rtol)[0] for a, b in zip(want, got)):
         return
     culprit = _first_differing_layer(src_model, dst_model, src, dst, xs, rtol)

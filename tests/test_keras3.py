@@ -188,6 +188,17 @@ def test_batchnorm_moving_statistics_are_copied(converted):
     np.testing.assert_array_equal(tfk_bn.moving_variance.numpy(), variance)
 
 
+def test_converted_model_takes_tfmot_pruning_and_quantization(converted):
+    from kcompress._keras import tfmot
+
+    _, _, tfk_model = converted("residual_bn")
+    x = sample_inputs("residual_bn", tfk_model)
+    pruned = tfmot().sparsity.keras.prune_low_magnitude(tfk_model)
+    assert pruned(x, training=False).shape == (3, 4)
+    quantized = tfmot().quantization.keras.quantize_model(tfk_model)
+    assert quantized(x, training=False).shape == (3, 4)
+
+
 def test_sequential_model_converts(tmp_path):
     model = k3.Sequential([k3.Input((6,)), L.Dense(4, activation="tanh"), L.BatchNormalization(), L.Dense(2)])
     _randomize_batchnorm(model, np.random.default_rng(3))
