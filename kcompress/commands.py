@@ -228,28 +228,41 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     from kcompress.convert import QuantizeOptions, convert, resolve_float_layers
     from kcompress.data import check_fits, open_data
     from kcompress.evaluate import evaluate
-    from kcompress.models import atomic_write_bytes, check_output_path, input_shape, load_model, num_classes, path_size
+    from kcompress.models import (atomic_write_bytes, check_output_path, input_shape, load_model, model_format,
+                                  num_classes, path_size)
+    from kcompress.runtime import TFLiteModel
 
     out = out or _default_out(model, f"_{mode}.tflite")
     check_output_path(out, overwrite)
     pre = _preprocess(kw)
-    keras_model = load_model(model)
+    names = tuple(n.strip() for n in float_layers.split(",") if n.strip())
+    exported = model_format(model) == "exported"  # an inference-only SavedModel: the converter reads the folder
+    if exported:
+        if names:
+            raise UsageError("--float-layers needs the Keras model (layer names); an exported SavedModel has none")
+        source = model
+        fp32 = convert(model)
+        reference = TFLiteModel(fp32)
+        shape, classes = reference.input_shape, int(reference.output["shape"][-1])
+    else:
+        source = load_model(model, stage="quantize")
+        shape, classes = input_shape(source), num_classes(source)
     src = open_data(data, pre)
     val = open_data(val_data, pre) if val_data else src
-    shape = input_shape(keras_model)
-    check_fits(src, shape, num_classes(keras_model))
-    check_fits(val, shape, num_classes(keras_model))
-    names = tuple(n.strip() for n in float_layers.split(",") if n.strip())
+    check_fits(src, shape, classes)
+    check_fits(val, shape, classes)
     opts = QuantizeOptions(
         mode=mode, calibration_samples=calibration_samples, per_channel=not per_tensor, io=io,
-        float_layers=resolve_float_layers(keras_model, names) if names else (),
+        float_layers=resolve_float_layers(source, names) if names else (),
     )
     console = _console()
     console.print(f"Converting {model} ({mode}, {'per-tensor' if per_tensor else 'per-channel'} weights) ...")
-    fp32 = convert(keras_model)
-    quant = convert(keras_model, opts, calibration=lambda: src.calibration_samples(shape, calibration_samples))
+    if not exported:
+        fp32 = convert(source)
+    quant = convert(source, opts, calibration=lambda: src.calibration_samples(shape, calibration_samples))
     atomic_write_bytes(out, quant, overwrite=overwrite)
-    before = evaluate(keras_model, val, limit=limit, description="evaluating keras")
+    before = evaluate(fp32 if exported else source, val, limit=limit,
+                      description="evaluating fp32" if exported else "evaluating keras")
     after = evaluate(out, val, limit=limit, description="evaluating tflite")
     lat_fp32 = bench_tflite(fp32, threads=1, runs=50, warmup=10).latency_ms.p50
     lat_q = bench_tflite(out, threads=1, runs=50, warmup=10).latency_ms.p50

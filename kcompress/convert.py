@@ -107,7 +107,9 @@ def resolve_float_layers(model, names: Iterable[str]) -> tuple[str, ...]:
 def _converter(model):
     if isinstance(model, str):  # a SavedModel directory (e.g. a Keras 3 export)
         return tf.lite.TFLiteConverter.from_saved_model(model)
-    return tf.lite.TFLiteConverter.from_keras_model(model)
+    from kcompress.models import ensure_tf_keras
+
+    return tf.lite.TFLiteConverter.from_keras_model(ensure_tf_keras(model))
 
 
 def _representative(samples: Callable[[], Iterable[np.ndarray]]):

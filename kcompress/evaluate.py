@@ -32,7 +32,7 @@ class Predictor:
 
 def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = None) -> Predictor:
     """A Predictor for a tf_keras model object, a Keras model path, or a ``.tflite`` path/bytes."""
-    from kcompress.models import input_shape, load_model, model_format, num_classes
+    from kcompress.models import ensure_tf_keras, input_shape, load_model, model_format, num_classes
     from kcompress.runtime import TFLiteModel
 
     if isinstance(model_or_path, (bytes, bytearray)) or (
@@ -42,7 +42,7 @@ def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = 
         classes = int(m.output["shape"][-1])
         name = model_or_path if isinstance(model_or_path, str) else "<tflite>"
         return Predictor(name, "tflite", m.input_shape, classes, m.predict)
-    model = load_model(model_or_path) if isinstance(model_or_path, str) else model_or_path
+    model = load_model(model_or_path) if isinstance(model_or_path, str) else ensure_tf_keras(model_or_path)
     name = model_or_path if isinstance(model_or_path, str) else model.name
 
     from kcompress._keras import tf

@@ -7,7 +7,6 @@ Saving always writes next to the target and renames, so an interrupted save neve
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from kcompress.errors import KcompressError
 
 __all__ = [
     "load_model",
+    "ensure_tf_keras",
     "save_model",
     "model_format",
     "count_params",
@@ -69,7 +69,9 @@ def model_format(path: str) -> str:
     """``savedmodel``, ``h5``, ``keras`` (tf_keras zip), ``keras3`` or ``tflite``; raises for anything else."""
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "saved_model.pb")):
-            return "savedmodel"
+            from kcompress.keras3 import is_exported_savedmodel
+
+            return "exported" if is_exported_savedmodel(path) else "savedmodel"
         raise KcompressError(f"{path}: a folder but not a SavedModel (no saved_model.pb)")
     if not os.path.isfile(path):
         raise KcompressError(f"{path}: no such model file or folder")
@@ -77,34 +79,32 @@ def model_format(path: str) -> str:
         head = f.read(8)
     if head[4:8] == b"TFL3":
         return "tflite"
-    if head.startswith(b"\x89HDF"):
-        return "h5"
-    if head.startswith(b"PK") and zipfile.is_zipfile(path):
-        return "keras3" if _is_keras3_zip(path) else "keras"
+    if head.startswith(b"\x89HDF") or (head.startswith(b"PK") and zipfile.is_zipfile(path)):
+        from kcompress.keras3 import is_keras3_file
+
+        if is_keras3_file(path):
+            return "keras3"
+        return "h5" if head.startswith(b"\x89HDF") else "keras"
     raise KcompressError(f"{path}: not a model (expected a SavedModel folder, .h5, .keras or .tflite)")
 
 
-def _is_keras3_zip(path: str) -> bool:
-    try:
-        with zipfile.ZipFile(path) as z:
-            meta = json.loads(z.read("metadata.json"))
-    except (KeyError, ValueError, zipfile.BadZipFile):
-        return False
-    return str(meta.get("keras_version", "")).startswith("3.")
+def load_model(path: str, compile: bool = False, stage: str = "this step"):
+    """A tf_keras model from any supported format.
 
-
-def load_model(path: str, compile: bool = False):
-    """A tf_keras model from any supported format. Keras 3 files are rebuilt in tf_keras (verified)."""
+    Keras 3 files are rebuilt in tf_keras and verified (outputs within 1e-5) by :mod:`kcompress.keras3`. An
+    inference-only export (Keras 3 ``model.export()``) has no layers to train: it is refused with a message naming
+    ``stage``; :func:`kcompress.convert.convert` takes its path for post-training quantization instead.
+    """
     fmt = model_format(path)
     if fmt == "tflite":
-        raise KcompressError(f"{path}: a .tflite file, but this step needs a Keras model")
+        raise KcompressError(f"{path}: a .tflite file, but {stage} needs a Keras model")
+    if fmt == "exported":
+        from kcompress.keras3 import exported_savedmodel_message
+
+        raise KcompressError(exported_savedmodel_message(stage, path))
     if fmt == "keras3":
-        try:
-            from kcompress import keras3 as bridge
-        except ImportError:
-            raise KcompressError(
-                f"{path}: a Keras 3 model; this version of kcompress reads tf_keras (Keras 2) models only"
-            ) from None
+        from kcompress import keras3 as bridge
+
         return bridge.to_tf_keras(bridge.load_keras3(path))
     try:
         model = keras.models.load_model(path, compile=compile)
@@ -119,9 +119,27 @@ def load_model(path: str, compile: bool = False):
     return model
 
 
-def save_model(model, path: str, overwrite: bool = False) -> None:
-    """Saves by extension (``.keras``, ``.h5``, else a SavedModel folder) via a temp path and a rename."""
+def ensure_tf_keras(model):
+    """The model as tf_keras: Keras 3 model objects (Python API users) are rebuilt and verified; others pass."""
+    from kcompress.keras3 import is_keras3_model, to_tf_keras
+
+    return to_tf_keras(model) if is_keras3_model(model) else model
+
+
+def save_model(model, path: str, overwrite: bool = False, keras3: bool = False) -> None:
+    """Saves by extension (``.keras``, ``.h5``, else a SavedModel folder) via a temp path and a rename.
+
+    ``keras3=True`` writes a Keras 3 ``.keras`` file (rebuilt from the tf_keras model and verified), so users who
+    came with Keras 3 get Keras 3 back.
+    """
     check_output_path(path, overwrite)
+    if keras3:
+        from kcompress.keras3 import save_keras3
+
+        if not path.endswith(".keras"):
+            raise KcompressError(f"{path}: Keras 3 models are written as .keras files")
+        save_keras3(model, path)
+        return
     parent = os.path.dirname(os.path.abspath(path))
     tmpdir = tempfile.mkdtemp(prefix=".kcompress-", dir=parent)
     try:
