@@ -54,6 +54,12 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _memory(exact: bool, before: Optional[float], peak: Optional[float]) -> dict:
+    """``peak_rss``, and ``rss_increase`` over the resident set before loading when the peak could be reset."""
+    known = exact and peak is not None and before is not None
+    return {"peak_rss": peak, "rss_increase": (peak - before) if known else None}
+
+
 def _time_runs(run, warmup: int, runs: int) -> list[float]:
     for _ in range(warmup):
         run()
@@ -101,10 +107,7 @@ def bench_tflite(
         throughput_per_s=batch_size / (stats.mean / 1000.0) if stats.mean > 0 else None,
         init_ms=init_ms,
         first_inference_ms=first_ms,
-        memory_mb={
-            "peak_rss": peak,
-            "rss_increase": (peak - before) if (exact and peak is not None and before is not None) else None,
-        },
+        memory_mb=_memory(exact, before, peak),
         extra={"peak_rss_is_process_lifetime": not exact},
     )
 
@@ -135,10 +138,7 @@ def bench_keras(model, batch_size: int = 1, runs: int = 30, warmup: int = 5, nam
         latency_ms=stats,
         throughput_per_s=batch_size / (stats.mean / 1000.0) if stats.mean > 0 else None,
         first_inference_ms=first_ms,
-        memory_mb={
-            "peak_rss": peak,
-            "rss_increase": (peak - before) if (exact and peak is not None and before is not None) else None,
-        },
+        memory_mb=_memory(exact, before, peak),
     )
 
 

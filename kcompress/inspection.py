@@ -56,32 +56,13 @@ def _inspect_tflite(path: str) -> dict[str, Any]:
     tensors = tflite_tensors(path)
     by_name = {t.name: t for t in tensors}
     ops = tflite_ops(path)
-    rows = []
-    for op in ops:
-        rows.append(
-            {
-                "index": op["index"],
-                "op": op["op"],
-                "inputs": [
-                    {
-                        "name": n,
-                        "dtype": by_name[n].dtype if n in by_name else None,
-                        "shape": list(by_name[n].shape) if n in by_name else None,
-                        "quantization": _qparams(by_name.get(n)),
-                    }
-                    for n in op["inputs"]
-                ],
-                "outputs": [
-                    {
-                        "name": n,
-                        "dtype": by_name[n].dtype if n in by_name else None,
-                        "shape": list(by_name[n].shape) if n in by_name else None,
-                        "quantization": _qparams(by_name.get(n)),
-                    }
-                    for n in op["outputs"]
-                ],
-            }
-        )
+    def tensor(name: str) -> dict:
+        t = by_name.get(name)
+        return {"name": name, "dtype": t.dtype if t else None, "shape": list(t.shape) if t else None,
+                "quantization": _qparams(t)}
+
+    rows = [{"index": op["index"], "op": op["op"], "inputs": [tensor(n) for n in op["inputs"]],
+             "outputs": [tensor(n) for n in op["outputs"]]} for op in ops]
     from kcompress.convert import read_metadata
 
     report = float_op_report(path)
