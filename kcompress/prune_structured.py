@@ -71,9 +71,11 @@ class StructuredOptions:
             raise UsageError("--epochs must be >= 0")
 
     def num_rounds(self) -> int:
+        """``rounds``, or enough rounds of at most 20% each (no more than the fine-tuning epochs)."""
         if self.rounds is not None:
             return self.rounds
-        return max(1, math.ceil((self.target_flops or self.ratio or 0.0) / 0.2 - 1e-9))
+        k = max(1, math.ceil((self.target_flops or self.ratio or 0.0) / 0.2 - 1e-9))
+        return min(k, max(1, self.epochs))
 
 
 def _functional(model):
@@ -437,7 +439,8 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
     k = options.num_rounds()
     before = evaluate(model, val, description="accuracy before").accuracy if val is not None else None
     current, rounds = model, []
-    per_round = [options.epochs // k + (1 if i < options.epochs % k else 0) for i in range(k)]
+    # epochs split over the rounds, the remainder going to the last rounds (the final model needs them most)
+    per_round = [options.epochs // k + (1 if i >= k - options.epochs % k else 0) for i in range(k)]
     for i in range(1, k + 1):
         if options.ratio is not None:
             # ratio/k of the original channels per round, as a fraction of what is left
