@@ -75,6 +75,81 @@ def base_model(args, train, val):
     return model
 
 
+def measure(name, model, train, test, seconds=None):
+    from kcompress.benchmark import bench_tflite
+    from kcompress.convert import QuantizeOptions, convert
+    from kcompress.evaluate import evaluate
+    from kcompress.models import count_macs, count_params
+
+    row = {"model": name, "accuracy": evaluate(model, test, batch_size=256).accuracy,
+           "params": count_params(model)["total"], "macs": count_macs(model), "seconds": seconds}
+    fp32 = convert(model, QuantizeOptions(mode="fp32"))
+    int8 = convert(model, QuantizeOptions(mode="int8", io="float"),
+                   calibration=lambda: train.calibration_samples((32, 32, 3), 100))
+    for tag, b in (("fp32", fp32), ("int8", int8)):
+        row[f"{tag}_bytes"] = len(b)
+        row[f"{tag}_gzip"] = len(gzip.compress(b, 9))
+        for t in (1, 2):
+            row[f"{tag}_ms_t{t}"] = bench_tflite(b, threads=t, runs=100, warmup=20).latency_ms.p50
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def table(rows) -> str:
+    base = rows[0]
+    head = ("| model | acc % | params | MMACs | fp32 KB (gzip) | int8 KB (gzip) | fp32 ms t1 / t2 | int8 ms t1 / t2 "
+            "| fp32 speed-up t1 | gzip vs base | fine-tune s |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {100 * r['accuracy']:.2f} | {r['params']:,} | {r['macs'] / 1e6:.1f} "
+            f"| {r['fp32_bytes'] / 1024:.0f} ({r['fp32_gzip'] / 1024:.0f}) | {r['int8_bytes'] / 1024:.0f} "
+            f"({r['int8_gzip'] / 1024:.0f}) | {r['fp32_ms_t1']:.3f} / {r['fp32_ms_t2']:.3f} "
+            f"| {r['int8_ms_t1']:.3f} / {r['int8_ms_t2']:.3f} | {base['fp32_ms_t1'] / r['fp32_ms_t1']:.2f}x "
+            f"| fp32 {r['fp32_gzip'] / base['fp32_gzip']:.2f}x, int8 {r['int8_gzip'] / base['int8_gzip']:.2f}x "
+            f"| {r['seconds'] or 0:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_all(args, model, train, val, test):
+    from kcompress.prune import MagnitudeOptions, prune_magnitude
+    from kcompress.prune_structured import StructuredOptions, prune_structured
+
+    out = os.path.join(args.work, "rows.json")
+    rows = json.load(open(out)) if os.path.exists(out) else []
+    done = {r["model"] for r in rows}
+
+    def keep(row):
+        rows.append(row)
+        json.dump(rows, open(out, "w"), indent=1)
+        print(table(rows), flush=True)
+
+    if "base" not in done:
+        keep(measure("base", model, train, test))
+    structured = [
+        (f"structured -{int(100 * f)}% FLOPs ({args.criterion})",
+         lambda f=f: prune_structured(model, train, val, StructuredOptions(
+             target_flops=f, criterion=args.criterion, epochs=args.ft_epochs, lr=1e-3, batch_size=128), verbose=2).model)
+        for f in args.flops
+    ]
+    magnitude = [
+        (f"magnitude {int(100 * s)}%",
+         lambda s=s: prune_magnitude(model, train, val, MagnitudeOptions(
+             sparsity=s, epochs=args.ft_epochs, lr=5e-4, batch_size=128), verbose=2).model)
+        for s in args.sparsity
+    ]
+    variants = [v for pair in zip(structured, magnitude) for v in pair]  # the goals' rows first (defaults)
+    variants += structured[len(magnitude):] + magnitude[len(structured):]
+    for name, run in variants:
+        if name in done:
+            continue
+        t0 = time.time()
+        pruned = run()
+        keep(measure(name, pruned, train, test, time.time() - t0))
+    print("\nfinal table:\n" + table(rows), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10"))
@@ -85,6 +160,9 @@ def main():
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--ft-epochs", type=int, default=4, help="fine-tune epochs per pruned model")
     p.add_argument("--stage", default="all", choices=["base", "all"])
+    p.add_argument("--criterion", default="l1")
+    p.add_argument("--flops", type=float, nargs="*", default=[0.5, 0.3])
+    p.add_argument("--sparsity", type=float, nargs="*", default=[0.8, 0.5])
     args = p.parse_args()
     t0 = time.time()
     train, val, test = prepare(args)
@@ -93,8 +171,6 @@ def main():
     model = base_model(args, train, val)
     if args.stage == "base":
         return
-    from bench_prune_run import run_all  # noqa: E402  (filled in below)
-
     run_all(args, model, train, val, test)
 
 
