@@ -38,6 +38,8 @@ def _kb(n: int) -> str:
 @click.option("--ratio", type=float, default=None, help="structured: fraction of channels to remove per group.")
 @click.option("--criterion", type=click.Choice(["l1", "l2", "bn", "taylor"]), default="l1", show_default=True)
 @click.option("--rounds", type=int, default=None, help="structured: prune in K steps (default: 10-20% each).")
+@click.option("--channel-multiple", type=int, default=1, show_default=True,
+              help="structured: round kept channel counts up to a multiple of this (4 or 8 suit SIMD kernels).")
 @click.option("--epochs", type=int, default=4, show_default=True, help="Fine-tuning epochs (in total).")
 @click.option("--lr", type=float, default=None, help="Fine-tuning learning rate [magnitude 1e-4, structured 1e-3].")
 @click.option("--batch-size", type=int, default=64, show_default=True)
@@ -50,7 +52,8 @@ def _kb(n: int) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @handle_errors
 def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_sparsity, block, skip, target_flops,
-          ratio, criterion, rounds, epochs, lr, batch_size, seed, scale, offset, mean, std, output, overwrite):
+          ratio, criterion, rounds, channel_multiple, epochs, lr, batch_size, seed, scale, offset, mean, std, output,
+          overwrite):
     """Prune MODEL with fine-tuning on --data and write a plain tf_keras model.
 
     \b
@@ -88,8 +91,8 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
     else:
         if block or skip:
             raise UsageError("--block/--skip belong to --method magnitude")
-        pruned = _structured(model, train, val, target_flops, ratio, criterion, rounds, epochs, lr or 1e-3,
-                             batch_size, seed)
+        pruned = _structured(model, train, val, target_flops, ratio, criterion, rounds, channel_multiple, epochs,
+                             lr or 1e-3, batch_size, seed)
     save_model(pruned, out, overwrite=overwrite)
     click.echo(f"Wrote {out} ({_kb(_size(out))})")
 
@@ -133,14 +136,15 @@ def _magnitude(model, train, val, sparsity, schedule, initial, block, skip, epoc
     return result.model
 
 
-def _structured(model, train, val, target_flops, ratio, criterion, rounds, epochs, lr, batch_size, seed):
+def _structured(model, train, val, target_flops, ratio, criterion, rounds, channel_multiple, epochs, lr, batch_size,
+                seed):
     from kcompress.benchmark import bench_tflite
     from kcompress.convert import QuantizeOptions, convert
     from kcompress.models import input_shape
     from kcompress.prune_structured import StructuredOptions, prune_structured
 
     opts = StructuredOptions(target_flops=target_flops, ratio=ratio, criterion=criterion, rounds=rounds,
-                             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+                             multiple=channel_multiple, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     result = prune_structured(model, train, val, opts)
     click.echo(f"Removed channels in {len(result.groups)} group(s) over {len(result.rounds)} round(s):")
     for g in result.groups:

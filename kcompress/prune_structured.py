@@ -56,6 +56,7 @@ class StructuredOptions:
     seed: int = 0
     min_keep: float = 0.1  # never keep fewer than this fraction of a group's channels (and at least 1)
     taylor_batches: int = 8
+    multiple: int = 1  # kept channel counts rounded up to a multiple of this (SIMD-friendly widths, e.g. 4 or 8)
 
     def __post_init__(self):
         if (self.target_flops is None) == (self.ratio is None):
@@ -67,6 +68,8 @@ class StructuredOptions:
             raise UsageError(f"unknown --criterion {self.criterion!r}; choose one of {', '.join(CRITERIA)}")
         if self.rounds is not None and self.rounds < 1:
             raise UsageError("--rounds must be at least 1")
+        if self.multiple < 1:
+            raise UsageError("--channel-multiple must be at least 1")
         if self.epochs < 0:
             raise UsageError("--epochs must be >= 0")
 
@@ -380,9 +383,14 @@ def prune_once(model, options: StructuredOptions, target_macs: Optional[int] = N
     graph = ChannelGraph(model)
     imp = _importance(graph, options.criterion, data, options)
     floor = {r: max(1, math.ceil(options.min_keep * graph.size[r])) for r in imp}
+    m = options.multiple
+
+    def rounded(r: int, kept: int) -> int:  # up to a multiple of m, never above the group's size
+        return min(graph.size[r], max(floor[r], -(-kept // m) * m))
+
     if ratio is not None:
         for r, s in imp.items():
-            n = min(int(math.floor(ratio * graph.size[r] + 1e-9)), graph.size[r] - floor[r])
+            n = graph.size[r] - rounded(r, graph.size[r] - int(math.floor(ratio * graph.size[r] + 1e-9)))
             graph.keep[r][np.argsort(s, kind="stable")[:n]] = False
     elif target_macs is not None:
         order = sorted(((s, r, c) for r, sc in imp.items() for c, s in enumerate(sc)), key=lambda t: t[0])
@@ -393,8 +401,10 @@ def prune_once(model, options: StructuredOptions, target_macs: Optional[int] = N
             left = {r: graph.size[r] for r in graph.keep}
             for _, r, c in order[:prefix]:
                 if left[r] > floor[r]:
-                    graph.keep[r][c] = False
                     left[r] -= 1
+            for r, n in left.items():  # drop each group's n - rounded(n) least important channels
+                cut = graph.size[r] - rounded(r, n)
+                graph.keep[r][np.argsort(imp[r], kind="stable")[:cut]] = False
             return graph.estimate_macs()
 
         lo, hi = 0, len(order)  # the smallest prefix that reaches the target (MACs fall as the prefix grows)
