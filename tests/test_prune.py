@@ -212,10 +212,14 @@ def model_file(trained, tmp_path_factory):
     return path
 
 
-def test_cli_magnitude_and_structured_end_to_end(model_file, tmp_path):
+def _cli_args(model_file):
+    return ["prune", model_file, "--data", "digits:train", "--val-data", "digits:val", "--scale", str(1 / 255)]
+
+
+def test_cli_magnitude_end_to_end(model_file, tmp_path):
     runner = CliRunner()
     out = str(tmp_path / "mag.keras")
-    args = ["prune", model_file, "--data", "digits:train", "--val-data", "digits:val", "--scale", str(1 / 255)]
+    args = _cli_args(model_file)
     r = runner.invoke(main, args + ["--method", "magnitude", "--sparsity", "0.5", "--epochs", "3", "--skip", "first",
                                     "-o", out])
     assert r.exit_code == 0, r.output
@@ -224,6 +228,11 @@ def test_cli_magnitude_and_structured_end_to_end(model_file, tmp_path):
     assert abs(_kernel_sparsity(load_model(out).get_layer("fc1")) - 0.5) < 0.02
     r = runner.invoke(main, args + ["--method", "magnitude", "-o", out])
     assert r.exit_code == 1 and "--overwrite" in r.output
+
+
+def test_cli_structured_end_to_end(model_file, tmp_path):
+    runner = CliRunner()
+    args = _cli_args(model_file)
     out2 = str(tmp_path / "st.keras")
     r = runner.invoke(main, args + ["--method", "structured", "--target-flops", "0.5", "--epochs", "1", "-o", out2])
     assert r.exit_code == 0, r.output
