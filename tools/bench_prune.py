@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from kcompress._keras import keras, tf  # noqa: E402
+import kcompress._keras  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from kcompress.data import Preprocess, open_data  # noqa: E402
 
 
@@ -130,7 +130,8 @@ def run_all(args, model, train, val, test):
     structured = [
         (f"structured -{int(100 * f)}% FLOPs ({args.criterion})",
          lambda f=f: prune_structured(model, train, val, StructuredOptions(
-             target_flops=f, criterion=args.criterion, epochs=args.ft_epochs, lr=1e-3, batch_size=128), verbose=2).model)
+             target_flops=f, criterion=args.criterion, epochs=args.ft_epochs, lr=1e-3, batch_size=128),
+             verbose=2).model)
         for f in args.flops
     ]
     magnitude = [
