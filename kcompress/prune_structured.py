@@ -334,7 +334,7 @@ def _importance(graph: ChannelGraph, criterion: str, data: Optional[DataSource],
             raise UsageError("--criterion taylor needs training data")
         from kcompress.models import input_shape
 
-        kernels = {n: model.get_layer(n).weights[0] for r in graph.groups() for n in graph.members(r)}
+        kernels = {n: _out_kernel(model.get_layer(n)) for r in graph.groups() for n in graph.members(r)}
         acc = {n: np.zeros(v.shape, np.float64) for n, v in kernels.items()}
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=not _ends_in_softmax(model))
         ds = data.dataset(input_shape(model), batch_size=options.batch_size, shuffle=True, seed=options.seed)
@@ -350,7 +350,7 @@ def _importance(graph: ChannelGraph, criterion: str, data: Optional[DataSource],
         score = np.zeros(graph.size[r])
         for n in graph.members(r):
             layer = model.get_layer(n)
-            k = layer.get_weights()[1 if isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)) else 0]
+            k = _out_kernel(layer).numpy()
             k = k.reshape(-1, k.shape[-1])
             if criterion == "l2":
                 score += np.sqrt((k**2).sum(0))
@@ -366,6 +366,11 @@ def _importance(graph: ChannelGraph, criterion: str, data: Optional[DataSource],
                 score = np.sum(gammas, axis=0)
         out[r] = score / (score.mean() + 1e-12)
     return out
+
+
+def _out_kernel(layer):
+    """The kernel whose last axis is the layer's output channels (pointwise kernel of a separable conv)."""
+    return layer.pointwise_kernel if isinstance(layer, (L.SeparableConv1D, L.SeparableConv2D)) else layer.kernel
 
 
 def _ends_in_softmax(model) -> bool:

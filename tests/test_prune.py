@@ -249,3 +249,18 @@ def test_cli_usage_errors(model_file):
     assert r.exit_code == 2 and "exactly one of --target-flops and --ratio" in r.output
     r = runner.invoke(main, ["prune", "--help"])
     assert r.exit_code == 0 and "--target-flops" in r.output and "Examples" in r.output
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "taylor"])
+def test_separable_model_with_every_criterion(criterion, digits):
+    inp = L.Input((8, 8, 1))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    x = L.SeparableConv2D(16, 3, depth_multiplier=2, padding="same", name="sep")(x)
+    x = L.ReLU()(L.BatchNormalization(name="bn")(x))
+    out = L.Dense(10, activation="softmax", name="head")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    new, _ = prune_once(model, StructuredOptions(target_flops=0.4, criterion=criterion),
+                        target_macs=int(0.6 * count_macs(model)), data=digits[0])
+    assert abs(1 - count_macs(new) / count_macs(model) - 0.4) <= 0.05
+    assert new.get_layer("sep").filters < 16 and new.get_layer("head").kernel.shape[0] == new.get_layer("sep").filters
+    assert len(convert(new)) > 0
