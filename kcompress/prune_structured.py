@@ -419,7 +419,18 @@ def prune_once(model, options: StructuredOptions, target_macs: Optional[int] = N
                 hi = mid
             else:
                 lo = mid + 1
-        drop(lo)
+        current = drop(lo)
+        if m == 1:  # fill the overshoot: give back the most important removed channels that still fit the target
+            removed = [(r, c) for _, r, c in reversed(order[:lo]) if not graph.keep[r][c]]
+            for r, c in removed[:500]:
+                if current >= target_macs * 0.995:
+                    break
+                graph.keep[r][c] = True
+                trial = graph.estimate_macs()
+                if trial <= target_macs:
+                    current = trial
+                else:
+                    graph.keep[r][c] = False
     return graph.rebuild(), graph
 
 
