@@ -26,6 +26,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("kcompress.commands:quantize", "Post-training quantization to a .tflite (dynamic/float16/int8/int16x8)."),
     "evaluate": ("kcompress.commands:evaluate", "Accuracy metrics of a Keras model or .tflite file on data."),
     "bench": ("kcompress.commands:bench", "Latency, throughput and memory of a .tflite in the LiteRT interpreter."),
+    "prune": ("kcompress.prune_commands:prune", "Prune with fine-tuning: magnitude sparsity or structured channel removal."),
     "inspect": ("kcompress.commands:inspect_cmd", "Layers, ops, shapes, dtypes and quantization of a model or .tflite."),
     "run": ("kcompress.pipeline_commands:run", "Run a pipeline config (distill, prune, quantize, validate, bench)."),
     "report": ("kcompress.pipeline_commands:report", "Report over run folders: tables and Pareto plots."),

@@ -1,0 +1,266 @@
+"""Magnitude and structured pruning: sparsity reached, patterns hold, channel groups rebuild exactly, CLI."""
+
+import warnings
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kcompress._keras import keras, tf, tfmot
+from kcompress.architectures import digits_cnn, mobilenetv2, resnet_cifar
+from kcompress.cli import main
+from kcompress.convert import convert
+from kcompress.data import Preprocess, open_data
+from kcompress.errors import UsageError
+from kcompress.models import count_macs, load_model, save_model
+from kcompress.prune import MagnitudeOptions, parse_block, prune_magnitude, resolve_skip
+from kcompress.prune_structured import ChannelGraph, StructuredOptions, prune_once, prune_structured
+from kcompress.train import fit
+
+L = keras.layers
+PRE = Preprocess(scale=1 / 255)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return open_data("digits:train", PRE), open_data("digits:val", PRE)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    model = digits_cnn(width=8)
+    fit(model, digits[0], digits[1], epochs=4, lr=3e-3, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def digits32(tmp_path_factory):
+    """Real digits upsampled to 32x32x3 (for applications models that need larger inputs)."""
+    src = open_data("digits")
+    x = np.concatenate([b for b, _ in src.numpy_batches((8, 8, 1), batch_size=256)])[:256]
+    x = np.repeat(np.kron(x, np.ones((1, 4, 4, 1), np.float32)), 3, axis=-1)
+    path = tmp_path_factory.mktemp("d32") / "d32.npz"
+    np.savez(path, x=x, y=src.labels[:256])
+    return open_data(str(path), PRE)
+
+
+def _kernel_sparsity(layer):
+    w = layer.get_weights()[0]
+    return float(np.mean(w == 0))
+
+
+# ---------- magnitude
+
+
+def test_magnitude_reaches_target_in_every_layer_and_keeps_its_best_val_accuracy(trained, digits):
+    res = prune_magnitude(trained, *digits, MagnitudeOptions(sparsity=0.6, epochs=3, lr=1e-3), verbose=0)
+    assert res.pruned == ["conv1", "conv2", "fc1", "classifier"]
+    for name in res.pruned:
+        assert abs(_kernel_sparsity(res.model.get_layer(name)) - 0.6) < 0.02, name
+    assert abs(res.overall_sparsity - 0.6) < 0.01
+    # the stripped plain model predicts what the wrapped model scored on VAL (best epoch after the ramp)
+    spe = -(-digits[0].num_samples // 64)
+    after_ramp = [a for e, a in enumerate(res.history["val_accuracy"]) if (e + 1) * spe >= res.ramp_end_step]
+    assert res.accuracy_after == pytest.approx(max(after_ramp), abs=1e-6)
+    assert res.ramp_end_step <= 0.6 * res.steps
+    # the input model is untouched
+    assert _kernel_sparsity(trained.get_layer("fc1")) < 0.01
+    assert not any("prune" in layer.name for layer in res.model.layers)
+
+
+def test_two_of_four_blocks_hold(trained, digits):
+    res = prune_magnitude(trained, digits[0], None, MagnitudeOptions(block=parse_block("2:4"), epochs=1), verbose=0)
+    assert "conv1" in res.skipped and "multiple of 4" in res.skipped["conv1"]  # 1 input channel
+    for name in res.pruned:
+        w = res.model.get_layer(name).get_weights()[0]
+        rows = np.moveaxis(w, -1, 0).reshape(-1, 4)  # groups of 4 consecutive input channels
+        assert np.all((rows == 0).sum(axis=1) >= 2), name
+        from tensorflow_model_optimization.python.core.sparsity.keras import pruning_utils
+
+        assert pruning_utils.is_pruned_m_by_n(tf.constant(w), (2, 4))  # tfmot's own checker agrees
+
+
+def test_skip_names_regex_first_last_and_errors(trained):
+    assert resolve_skip(trained, ["first", "last"]) == {"conv1": "--skip first", "classifier": "--skip last"}
+    assert set(resolve_skip(trained, ["conv.*"])) == {"conv1", "conv2"}
+    with pytest.raises(UsageError, match="matches no layer"):
+        resolve_skip(trained, ["nope"])
+    with pytest.raises(UsageError, match="M:N"):
+        parse_block("4:2")
+
+
+def test_short_budget_warns(trained, digits):
+    with pytest.warns(UserWarning, match="short for 80% sparsity"):
+        prune_magnitude(trained, digits[0], None, MagnitudeOptions(sparsity=0.8, epochs=1), verbose=0)
+
+
+@pytest.mark.slow
+def test_mobilenetv3small_prunes_where_whole_model_tfmot_fails(digits32):
+    model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, classes=10)
+    with pytest.raises(Exception):
+        tfmot().sparsity.keras.prune_low_magnitude(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = prune_magnitude(model, digits32, None, MagnitudeOptions(sparsity=0.5, epochs=1, batch_size=64),
+                              verbose=0)
+    assert len(res.pruned) > 20
+    assert all(abs(s - 0.5) < 0.02 for s in res.sparsity.values())
+    assert res.model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 10)
+
+
+@pytest.mark.slow
+def test_efficientnetb0_prunes(digits32):
+    model = keras.applications.EfficientNetB0(input_shape=(32, 32, 3), weights=None, classes=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = prune_magnitude(model, digits32, None, MagnitudeOptions(sparsity=0.5, epochs=1), verbose=0)
+    assert len(res.pruned) > 50 and all(abs(s - 0.5) < 0.02 for s in res.sparsity.values())
+
+
+# ---------- structured
+
+
+def test_ratio_zero_is_identity():
+    model = resnet_cifar(width=8, blocks_per_stage=1)
+    res = prune_structured(model, None, None, StructuredOptions(ratio=0.0, epochs=0))
+    x = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(res.model(x).numpy(), model(x).numpy())
+    assert res.params_after == res.params_before and res.groups == []
+
+
+def test_removing_zero_filters_keeps_outputs():
+    inp = L.Input((12, 12, 3))
+    x = L.Conv2D(8, 3, activation="relu", name="c1")(inp)
+    x = L.Conv2D(16, 3, activation="relu", name="c2")(x)
+    x = L.Flatten()(L.MaxPooling2D()(x))
+    out = L.Dense(5, name="head")(x)
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(1)
+    for name, zero in (("c1", [0, 3, 5, 6]), ("c2", list(range(0, 16, 2)))):
+        k, b = model.get_layer(name).get_weights()
+        k[..., zero], b[zero] = 0.0, 0.0
+        b[[i for i in range(len(b)) if i not in zero]] = rng.uniform(0.1, 0.2)
+        model.get_layer(name).set_weights([k, b])
+    new, _ = prune_once(model, StructuredOptions(ratio=0.5), ratio=0.5)
+    assert new.get_layer("c1").filters == 4 and new.get_layer("c2").filters == 8
+    assert new.get_layer("head").kernel.shape[0] == 4 * 4 * 8  # Dense after Flatten lost the spatial blocks
+    x = rng.uniform(0, 1, (3, 12, 12, 3)).astype(np.float32)
+    np.testing.assert_allclose(new(x).numpy(), model(x).numpy(), atol=1e-5)
+
+
+def _concat_model():
+    inp = L.Input((16, 16, 3))
+    a = L.ReLU()(L.BatchNormalization(name="a_bn")(L.Conv2D(8, 3, padding="same", name="a")(inp)))
+    b = L.Conv2D(12, 1, name="b")(inp)
+    x = L.Concatenate(name="cat")([a, b])
+    x = L.Conv2D(16, 3, padding="same", name="c")(x)
+    x = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, L.Dense(10, activation="softmax", name="head")(x))
+
+
+@pytest.mark.parametrize("build", ["resnet", "concat", pytest.param("mobilenetv2", marks=pytest.mark.slow)])
+def test_flops_target_reached_and_model_converts(build, tmp_path):
+    model = {"resnet": lambda: resnet_cifar(width=8, blocks_per_stage=2), "concat": _concat_model,
+             "mobilenetv2": lambda: mobilenetv2(alpha=0.35)}[build]()
+    res = prune_structured(model, None, None, StructuredOptions(target_flops=0.4, epochs=0))
+    new = res.model
+    drop = 1 - count_macs(new) / count_macs(model)
+    assert abs(drop - 0.4) <= 0.05, drop
+    assert res.params_after < res.params_before and res.groups
+    assert len(convert(new)) > 0  # convert() loads and invokes the .tflite once
+    save_model(new, str(tmp_path / "m.keras"))
+    x = np.random.default_rng(0).uniform(0, 1, (2, *model.input_shape[1:])).astype(np.float32)
+    np.testing.assert_allclose(load_model(str(tmp_path / "m.keras"))(x).numpy(), new(x).numpy(), atol=1e-5)
+
+
+def test_residual_adds_share_one_mask():
+    model = resnet_cifar(width=8, blocks_per_stage=2)
+    graph = ChannelGraph(model)
+    roots = {graph.root(a) for a, names in graph.sources.items() if any(n.startswith("s0") for n in names)
+             and any(n.endswith("conv2") for n in names)}
+    stem = [graph.root(a) for a, names in graph.sources.items() if "stem_conv" in names]
+    assert roots == set(stem)  # the stem and every stage-0 block's second conv are one group
+    assert "classifier" in graph.frozen_layers()
+
+
+def test_rounds_fine_tune_and_criteria(trained, digits):
+    res = prune_structured(trained, *digits, StructuredOptions(target_flops=0.5, rounds=2, epochs=2, criterion="taylor",
+                                                               lr=1e-3), verbose=0)
+    assert [r["round"] for r in res.rounds] == [1, 2] and all("val_accuracy" in r for r in res.rounds)
+    assert 0.45 <= res.flops_reduction <= 0.65  # a tiny model: one channel is several points of its FLOPs
+    assert res.accuracy_after > 0.5
+    # bn criterion: channels whose BN gamma is zero go first
+    model = keras.models.clone_model(trained)
+    model.set_weights(trained.get_weights())
+    gamma, beta, mean, var = model.get_layer("bn1").get_weights()
+    gamma[:4] = 0.0
+    model.get_layer("bn1").set_weights([gamma, beta, mean, var])
+    graph = ChannelGraph(model)
+    new, g = prune_once(model, StructuredOptions(ratio=0.5, criterion="bn"), ratio=0.5)
+    root = graph.root(next(a for a, n in g.sources.items() if "conv1" in n))
+    assert not g.keep[root][:4].any() and g.keep[root][4:].all()
+
+
+# ---------- CLI
+
+
+@pytest.fixture(scope="module")
+def model_file(trained, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("m") / "digits.keras")
+    save_model(trained, path)
+    return path
+
+
+def _cli_args(model_file):
+    return ["prune", model_file, "--data", "digits:train", "--val-data", "digits:val", "--scale", str(1 / 255)]
+
+
+def test_cli_magnitude_end_to_end(model_file, tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path / "mag.keras")
+    args = _cli_args(model_file)
+    r = runner.invoke(main, args + ["--method", "magnitude", "--sparsity", "0.5", "--epochs", "3", "--skip", "first",
+                                    "-o", out])
+    assert r.exit_code == 0, r.output
+    assert "Pruned 3 layer(s)" in r.output and "conv1" in r.output and "dense (--skip first)" in r.output
+    assert "gzip" in r.output and f"Wrote {out}" in r.output
+    assert abs(_kernel_sparsity(load_model(out).get_layer("fc1")) - 0.5) < 0.02
+    r = runner.invoke(main, args + ["--method", "magnitude", "-o", out])
+    assert r.exit_code == 1 and "--overwrite" in r.output
+
+
+def test_cli_structured_end_to_end(model_file, tmp_path):
+    runner = CliRunner()
+    args = _cli_args(model_file)
+    out2 = str(tmp_path / "st.keras")
+    r = runner.invoke(main, args + ["--method", "structured", "--target-flops", "0.5", "--epochs", "1", "-o", out2])
+    assert r.exit_code == 0, r.output
+    assert "conv1: 8 ->" in r.output and "latency" in r.output and "MFLOPs" in r.output
+    assert count_macs(load_model(out2)) < 0.56 * count_macs(load_model(model_file))
+
+
+def test_cli_usage_errors(model_file):
+    runner = CliRunner()
+    base = ["prune", model_file, "--data", "digits:train"]
+    r = runner.invoke(main, base + ["--method", "magnitude", "--block", "3:2"])
+    assert r.exit_code == 2 and "M:N" in r.output
+    r = runner.invoke(main, base + ["--method", "structured"])
+    assert r.exit_code == 2 and "exactly one of --target-flops and --ratio" in r.output
+    r = runner.invoke(main, ["prune", "--help"])
+    assert r.exit_code == 0 and "--target-flops" in r.output and "Examples" in r.output
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn", "taylor"])
+def test_separable_model_with_every_criterion(criterion, digits):
+    inp = L.Input((8, 8, 1))
+    x = L.Conv2D(8, 3, padding="same", activation="relu", name="c1")(inp)
+    x = L.SeparableConv2D(16, 3, depth_multiplier=2, padding="same", name="sep")(x)
+    x = L.ReLU()(L.BatchNormalization(name="bn")(x))
+    out = L.Dense(10, activation="softmax", name="head")(L.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    new, _ = prune_once(model, StructuredOptions(target_flops=0.4, criterion=criterion),
+                        target_macs=int(0.6 * count_macs(model)), data=digits[0])
+    assert abs(1 - count_macs(new) / count_macs(model) - 0.4) <= 0.05
+    assert new.get_layer("sep").filters < 16 and new.get_layer("head").kernel.shape[0] == new.get_layer("sep").filters
+    assert len(convert(new)) > 0
