@@ -167,7 +167,7 @@ def _stage_prune(ctx: _Ctx, model, out_dir: str):
 
         opts = MagnitudeOptions(sparsity=c.sparsity, block=parse_block(c.block), epochs=c.epochs,
                                 batch_size=c.batch_size, lr=c.lr, seed=ctx.cfg.seed)
-        result = prune_magnitude(model, ctx.train, None, opts)
+        result = prune_magnitude(model, ctx.train, ctx.val, opts)
         extra = {"method": "magnitude", "overall_sparsity": result.overall_sparsity, "pruned_layers": result.pruned,
                  "warnings": list(result.warnings)}
     else:

@@ -70,12 +70,13 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
     """
     from kcompress.data import Preprocess, check_fits, open_data
     from kcompress.errors import UsageError
-    from kcompress.models import input_shape, load_model, num_classes, save_model, check_output_path
+    from kcompress.models import check_output_path, input_shape, load_model, model_format, num_classes, save_model
 
     out = output or _default_out(model_path, method)
     check_output_path(out, overwrite)
     pre = Preprocess.parse(scale, offset, mean, std)
-    model = load_model(model_path)
+    model = load_model(model_path, stage="prune")
+    keras3_in = model_format(model_path) == "keras3"
     train = open_data(data_spec, pre)
     val = open_data(val_spec, pre) if val_spec else None
     for d in (train, val):
@@ -93,8 +94,8 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
             raise UsageError("--block/--skip belong to --method magnitude")
         pruned = _structured(model, train, val, target_flops, ratio, criterion, rounds, channel_multiple, epochs,
                              lr or 1e-3, batch_size, seed)
-    save_model(pruned, out, overwrite=overwrite)
-    click.echo(f"Wrote {out} ({_kb(_size(out))})")
+    save_model(pruned, out, overwrite=overwrite, keras3=keras3_in and out.endswith(".keras"))
+    click.echo(f"Wrote {out} ({_kb(_size(out))})" + (" as a Keras 3 model, like the input" if keras3_in else ""))
 
 
 def _size(path: str) -> int:

@@ -24,6 +24,7 @@ def strategy():
 def compile_classifier(model, lr: float = 1e-3) -> None:
     """Adam + sparse categorical cross-entropy; ``from_logits`` follows whether the model ends in softmax."""
     last = model.layers[-1]
+    last = getattr(last, "layer", last)  # pruning/quantization wrappers hold the real layer
     from_logits = getattr(getattr(last, "activation", None), "__name__", "") != "softmax" and not isinstance(
         last, keras.layers.Softmax
     )
