@@ -130,16 +130,29 @@ def test_bad_input_gets_one_line_and_exit_code(args, code, message, cnn_path, tm
     assert len(errors) == 1
 
 
-def test_demo_end_to_end(tmp_path):
+def test_demo_runs_the_quickstart_pipeline(tmp_path):
     out = tmp_path / "demo"
     r = run_cli("demo", "-o", out)
     assert r.exit_code == 0, r.output
-    doc = json.loads((out / "results.json").read_text())
-    rows = {row["name"]: row for row in doc["rows"]}
-    assert rows["tflite int8"]["accuracy"] > 0.9
-    assert abs(rows["tflite int8"]["accuracy"] - rows["keras fp32"]["accuracy"]) <= 0.02
-    assert rows["tflite int8"]["size_bytes"] < 0.3 * rows["tflite fp32"]["size_bytes"]
-    assert sorted(os.listdir(out)) == ["model.keras", "model_fp32.tflite", "model_int8.tflite", "results.json"]
-    assert str(out) in r.output
+    report = json.loads((out / "report.json").read_text())
+    stages = {s["stage"]: s for s in report["runs"][0]["stages"]}
+    assert list(stages) == ["baseline", "distill", "prune", "quantize"]
+    base, final = stages["baseline"], stages["quantize"]
+    assert base["accuracy"] > 0.9
+    assert final["accuracy"] >= base["accuracy"] - 0.04  # the config's overall max_drop
+    assert final["size_bytes"] < 0.15 * base["size_bytes"]  # half width, -30% FLOPs, int8
+    assert stages["prune"]["macs"] < 0.75 * stages["distill"]["macs"]
+    assert (out / "04-quantize" / "model.tflite").read_bytes()[4:8] == b"TFL3"
+    assert "quantize" in r.output and str(out) in r.output
     r = run_cli("demo", "-o", out)
     assert r.exit_code == 1 and "not empty; pass --overwrite" in r.output
+
+
+def test_demo_config_is_the_shipped_quickstart():
+    import yaml
+
+    from kcompress.demo import QUICKSTART
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "quickstart.yaml")) as f:
+        assert yaml.safe_load(f) == QUICKSTART
