@@ -26,6 +26,8 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("kcompress.commands:quantize", "Post-training quantization to a .tflite (dynamic/float16/int8/int16x8)."),
     "evaluate": ("kcompress.commands:evaluate", "Accuracy metrics of a Keras model or .tflite file on data."),
     "bench": ("kcompress.commands:bench", "Latency, throughput and memory of a .tflite in the LiteRT interpreter."),
+    "qat": ("kcompress.quantize_commands:qat", "Quantization-aware training to an int8 .tflite, compared with PTQ."),
+    "sensitivity": ("kcompress.quantize_commands:sensitivity", "Per-layer int8 sensitivity, ranked (table + JSON)."),
     "inspect": ("kcompress.commands:inspect_cmd", "Layers, ops, shapes, dtypes and quantization of a model or .tflite."),
 }
 
