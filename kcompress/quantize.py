@@ -291,14 +291,14 @@ def qat_model(
     return q, info
 
 
-def calibrate(qmodel, data: DataSource, samples: int = 256, batch_size: int = 32) -> None:
+def calibrate(qmodel, data: DataSource, samples: int = 256, batch_size: Optional[int] = None) -> None:
     """Sets the QAT model's quantizer ranges from data, changing nothing else.
 
     tfmot starts every activation range at [-6, 6] and moves it by an EMA with decay 0.999 per training step,
     and weight ranges are only set by a training step: a fresh QAT model is far from the float model, and short
     fine-tunes never recover. Here a few forward passes in training mode average the batch ranges exactly (the
-    EMA decay is set to k/(k+1) for batch k), then every non-quantizer variable (BatchNorm statistics, ...) is
-    restored.
+    EMA decay is set to k/(k+1) for batch k; one batch of ``samples`` when the inputs are small), then every
+    non-quantizer variable (BatchNorm statistics, ...) is restored.
     """
     from tensorflow_model_optimization.python.core.quantization.keras import quantizers
 
@@ -309,6 +309,8 @@ def calibrate(qmodel, data: DataSource, samples: int = 256, batch_size: int = 32
         inner = getattr(layer, "layer", None)
         keep.extend(inner.weights if inner is not None else layer.weights if not _is_quant_layer(layer) else [])
     saved = [(v, v.numpy()) for v in keep]
+    if batch_size is None:  # one batch when it fits in memory: its min/max are the exact calibration ranges
+        batch_size = int(min(samples, max(8, 2_000_000 // max(1, int(np.prod(input_shape(qmodel)))))))
     original = quantizers.quant_ops.MovingAvgQuantize
     step = {"k": 0}
 
@@ -398,15 +400,23 @@ def int8_report(tflite: bytes, fp32_bytes: int, float_layers=()) -> dict[str, An
     """Is the file really int8? Size ratio to the fp32 parameter bytes and where it hops back to float."""
     from kcompress.runtime import float_op_report, tflite_ops
 
+    from kcompress.runtime import TFLiteModel
+
     rep = float_op_report(tflite)
     ops = tflite_ops(tflite)
-    dequant = [o for o in ops if o["op"] == "DEQUANTIZE"]
-    requant_from_float = [o for o in ops if o["op"] == "QUANTIZE" and o["input_dtypes"][:1] == ["float32"]]
+    m = TFLiteModel(tflite, delegates=False)
+    io_names = {m.input["name"], m.output["name"]}  # float I/O: one QUANTIZE in, one DEQUANTIZE out are expected
+    dequant = [o for o in ops if o["op"] == "DEQUANTIZE" and not set(o["outputs"]) & io_names]
+    requant_from_float = [
+        o
+        for o in ops
+        if o["op"] == "QUANTIZE" and o["input_dtypes"][:1] == ["float32"] and not set(o["inputs"]) & io_names
+    ]
     ratio = len(tflite) / fp32_bytes if fp32_bytes else None
     problems = []
     if ratio is not None and ratio > MAX_INT8_RATIO:
         problems.append(f".tflite is {ratio:.2f}x the fp32 parameter bytes (int8 should be <= {MAX_INT8_RATIO}x)")
-    if not float_layers and (dequant or rep["float_compute_op_count"]):
+    if not float_layers and (dequant or requant_from_float or rep["float_compute_op_count"]):
         problems.append(
             f"{len(dequant)} DEQUANTIZE op(s) and {rep['float_compute_op_count']} float compute op(s) "
             f"({', '.join(rep['float_compute_ops'])}) in a model meant to be fully int8"
