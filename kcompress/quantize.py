@@ -45,6 +45,7 @@ __all__ = [
     "MAX_INT8_RATIO",
     "flatten_model",
     "weight_sparsity",
+    "tflite_weight_sparsity",
     "quantizable_layers",
     "qat_model",
     "calibrate",
@@ -160,6 +161,24 @@ def weight_sparsity(model) -> float:
     ks = _kernels(model)
     total = sum(k.size for k in ks)
     return float(sum(int(np.sum(k == 0)) for k in ks) / total) if total else 0.0
+
+
+def tflite_weight_sparsity(tflite: bytes) -> float:
+    """Fraction of exactly-zero weights over the conv/dense weight tensors of a ``.tflite`` (int8 or float)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=bytes(tflite))
+    zeros = total = 0
+    for op in interp._get_ops_details():
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op["inputs"]) < 2:
+            continue
+        try:
+            w = interp.get_tensor(int(op["inputs"][1]))
+        except ValueError:  # not a constant
+            continue
+        zeros += int(np.sum(w == 0))
+        total += int(w.size)
+    return zeros / total if total else 0.0
 
 
 def _registry():
@@ -438,7 +457,7 @@ def diverging_layers(kmodel, tflite: bytes, x: np.ndarray, top: int = 5) -> list
     """Layers whose TFLite outputs differ most from the Keras model's on ``x`` (relative RMSE), worst first.
 
     TFLite tensors are matched to Keras layers by name (the converter names tensors after the layer path) and
-    shape; layers without a match are skipped.
+    shape; layers without a match (e.g. a conv whose BN and ReLU were fused into it) are skipped.
     """
     from ai_edge_litert.interpreter import Interpreter
 
@@ -460,12 +479,19 @@ def diverging_layers(kmodel, tflite: bytes, x: np.ndarray, top: int = 5) -> list
         interp.invoke()
         for layer, ko in zip(layers, kouts):
             ko = np.asarray(ko, np.float32)
-            name = getattr(layer, "layer", layer).name
+            inner = getattr(layer, "layer", layer)
+            act_fn = getattr(inner, "activation", None)
+            act_fn = getattr(act_fn, "activation", act_fn)  # tfmot's QuantizeAwareActivation wraps the function
+            act = getattr(act_fn, "__name__", "linear")
+            if act not in ("linear", "relu", "relu6"):  # TFLite runs softmax etc. as a separate op: no match
+                continue
+            names = {layer.name, inner.name}
+            # the first ';'-part names the op that produced the tensor (later parts are ops fused into it)
             cands = [
                 t
                 for t in details
                 if tuple(t["shape"]) == ko.shape
-                and any(f"/{name}/" in part or part.endswith(f"/{name}") for part in t["name"].split(";"))
+                and any(f"/{n}/" in t["name"].split(";")[0] or t["name"].split(";")[0].endswith(f"/{n}") for n in names)
             ]
             if not cands:
                 continue
@@ -598,12 +624,12 @@ def qat(
             verbose=verbose,
         )
         info["train_seconds"] = round(time.time() - t0, 1)
-    info["sparsity_after"] = weight_sparsity(qmodel)
-    if info["scheme"].startswith("Default8BitPrunePreserve") or info["sparsity_before"] > 0.05:
-        log(f"sparsity: {info['sparsity_before']:.1%} before QAT, {info['sparsity_after']:.1%} after")
-
     keras_acc = evaluate(qmodel, val, description="QAT (Keras)").accuracy
     tfl = export_tflite(qmodel, train, options)
+    # measured in the exported file: prune-preserving QAT masks the fake-quantized weights, not the float variables
+    info["sparsity_after"] = tflite_weight_sparsity(tfl)
+    if info["scheme"].startswith("Default8BitPrunePreserve") or info["sparsity_before"] > 0.05:
+        log(f"sparsity: {info['sparsity_before']:.1%} before QAT, {info['sparsity_after']:.1%} in the int8 .tflite")
     tfl_eval = evaluate(tfl, val, description="QAT int8 (LiteRT)")
     row("QAT int8", tfl_eval.accuracy, tfl)
 

@@ -11,7 +11,15 @@ from kcompress.architectures import digits_cnn
 from kcompress.cli import main
 from kcompress.data import Preprocess, open_data
 from kcompress.models import save_model
-from kcompress.quantize import MAX_INT8_RATIO, QATOptions, calibrate, qat, qat_model, weight_sparsity
+from kcompress.quantize import (
+    MAX_INT8_RATIO,
+    QATOptions,
+    calibrate,
+    diverging_layers,
+    qat,
+    qat_model,
+    weight_sparsity,
+)
 from kcompress.runtime import TFLiteModel
 from kcompress.sensitivity import auto_float_layers, sensitivity
 from kcompress.train import fit
@@ -67,6 +75,13 @@ def test_qat_export_matches_keras_and_is_really_int8(trained, digits):
     assert how["bn1"].startswith("folded")
     assert "PTQ" in res.verdict or "QAT" in res.verdict
     assert TFLiteModel(res.tflite).predict(np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 10)
+    # the divergence report behind the "TFLite collapsed" warning matches Keras layers to TFLite tensors
+    x = next(iter(val.numpy_batches((8, 8, 1), batch_size=4)))[0]
+    div = diverging_layers(res.qat_model, res.tflite, x, top=20)
+    matched = {d["layer"] for d in div}
+    assert matched >= {"quant_relu1", "quant_relu2", "quant_fc1"}  # conv1/conv2 are fused into their ReLUs
+    assert "quant_classifier" not in matched  # its TFLite tensor holds logits, the Keras layer softmax
+    assert all(0 <= d["relative_rmse"] < 0.5 for d in div)
 
 
 def _random_images(tmp_path, n=32, size=32, seed=0):
@@ -117,7 +132,7 @@ def test_densenet121_qat_builds(tmp_path):
 def test_prune_preserving_qat_keeps_sparsity(trained, digits):
     train, val = digits
     sparsity = tfmot().sparsity.keras
-    pruned = sparsity.prune_low_magnitude(_clone(trained), pruning_schedule=sparsity.ConstantSparsity(0.6, 0))
+    pruned = sparsity.prune_low_magnitude(_clone(trained), pruning_schedule=sparsity.ConstantSparsity(0.6, 0, frequency=1))
     fit(pruned, train, val, epochs=1, verbose=0, callbacks=[sparsity.UpdatePruningStep()], restore_best=False)
     stripped = sparsity.strip_pruning(pruned)
     before = weight_sparsity(stripped)
