@@ -51,6 +51,7 @@ def prepare_data(args):
 
 def base_model(name: str, data, args):
     from kcompress import architectures
+    from kcompress._keras import keras
     from kcompress.models import load_model, save_model
     from kcompress.train import fit
 
@@ -58,6 +59,9 @@ def base_model(name: str, data, args):
     if os.path.exists(path):
         return load_model(path)
     model = architectures.resnet_cifar() if name == "resnet" else architectures.mobilenetv2(alpha=0.5)
+    for layer in model.layers:  # keras.applications' BN momentum 0.999 leaves the moving stats at their init
+        if isinstance(layer, keras.layers.BatchNormalization):  # after a few short epochs (VAL at chance)
+            layer.momentum = 0.9
     t0 = time.time()
     fit(model, data["train"], data["val"], epochs=args.epochs, batch_size=128, lr=2e-3, seed=0, verbose=2)
     print(f"[{name}] trained {args.epochs} epochs in {time.time() - t0:.0f}s", flush=True)
