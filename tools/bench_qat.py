@@ -88,6 +88,8 @@ def run_model(name: str, data, args) -> list[dict]:
     if args.only_train:
         return []
     shape = input_shape(model)
+    if args.control:
+        return control_rows(name, model, data, args)
     rows = [measure("fp32", convert(model, QuantizeOptions(mode="fp32")), data["test"])]
     t0 = time.time()
     res = qat(model, data["train"], data["val"], QATOptions(epochs=args.qat_epochs, lr=args.qat_lr), bench=False)
@@ -119,6 +121,24 @@ def run_model(name: str, data, args) -> list[dict]:
     return rows
 
 
+def control_rows(name, model, data, args) -> list[dict]:
+    """fp32 fine-tuned exactly as QAT is (same epochs, lr, batch), and its PTQ int8: separates the gain of the
+    extra training from the gain of QAT itself."""
+    from kcompress.convert import QuantizeOptions, convert
+    from kcompress.models import input_shape
+    from kcompress.train import fit
+
+    shape = input_shape(model)
+    fit(model, data["train"], data["val"], epochs=args.qat_epochs, batch_size=64, lr=args.qat_lr, seed=0, verbose=2)
+    rows = [measure(f"fp32 + {args.qat_epochs} ep fine-tune", convert(model, QuantizeOptions(mode="fp32")), data["test"])]
+    tfl = convert(model, QuantizeOptions(mode="int8"), calibration=lambda: data["train"].calibration_samples(shape, 200))
+    rows.append(measure("PTQ int8 of that", tfl, data["test"]))
+    for r in rows:
+        r["model"] = name
+        r["drop_points"] = (rows[0]["accuracy"] - r["accuracy"]) * 100
+    return rows
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,6 +152,7 @@ def main():
     p.add_argument("--qat-lr", type=float, default=2e-4)
     p.add_argument("--max-drop", type=float, default=0.3)
     p.add_argument("--only-train", action="store_true")
+    p.add_argument("--control", action="store_true", help="only the fp32 fine-tune control (same schedule as QAT)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     t0 = time.time()
