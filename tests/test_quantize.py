@@ -152,7 +152,7 @@ def test_dense_model_does_not_use_prune_preserving(trained):
 def fragile(trained):
     model = _clone(trained)
     w = model.get_layer("conv2").get_weights()
-    w[0][0, 0, 0, :] = 50 * np.abs(w[0]).max()  # one huge weight per output channel
+    w[0][0, 0, 0, :] = 200 * np.abs(w[0]).max()  # one huge weight per output channel
     model.get_layer("conv2").set_weights(w)
     return model
 
@@ -169,12 +169,16 @@ def test_auto_float_layers(fragile, trained, digits):
     layers, report = auto_float_layers(trained, train, val, max_drop=100, log=lambda s: None)
     assert layers == () and report["met"]
     layers, report = auto_float_layers(fragile, train, val, max_drop=0.0, max_layers=2, log=lambda s: None)
+    if report["trials"][0]["drop"] <= 0.0:  # plain int8 already as good as float on VAL: nothing to keep float
+        assert layers == () and report["met"] and not report["ranking"]
+        return
     ranked = [r["layer"] for r in report["ranking"]]
     assert ranked[0] == "conv2"
-    assert list(layers) == ranked[: len(layers)]
+    assert layers and list(layers) == ranked[: len(layers)]
     if report["met"]:
         assert report["drop"] <= 0.0
     assert all(c["float_cost_bytes"] > 0 for c in report["chosen"])
+    assert report["bytes"] > report["int8_bytes"]  # float layers cost size
 
 
 def test_cli_qat_and_sensitivity(trained, tmp_path):
