@@ -21,12 +21,14 @@ __all__ = ["main", "LAZY_COMMANDS", "handle_errors"]
 
 # name -> (module:attribute, one-line help shown by `kcompress --help`)
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("kcompress.commands:demo", "Train a small CNN on built-in data, quantize it to int8 and report."),
+    "demo": ("kcompress.commands:demo", "The whole flow on built-in data: train, distill, prune, int8, report."),
     "baseline": ("kcompress.commands:baseline", "Measure a model: size, FLOPs, accuracy, latency, memory."),
     "quantize": ("kcompress.commands:quantize", "Post-training quantization to a .tflite (dynamic/float16/int8/int16x8)."),
     "evaluate": ("kcompress.commands:evaluate", "Accuracy metrics of a Keras model or .tflite file on data."),
     "bench": ("kcompress.commands:bench", "Latency, throughput and memory of a .tflite in the LiteRT interpreter."),
     "prune": ("kcompress.prune_commands:prune", "Prune with fine-tuning: magnitude sparsity or structured channel removal."),
+    "qat": ("kcompress.quantize_commands:qat", "Quantization-aware training to an int8 .tflite, compared with PTQ."),
+    "sensitivity": ("kcompress.quantize_commands:sensitivity", "Per-layer int8 sensitivity, ranked (table + JSON)."),
     "inspect": ("kcompress.commands:inspect_cmd", "Layers, ops, shapes, dtypes and quantization of a model or .tflite."),
     "run": ("kcompress.pipeline_commands:run", "Run a pipeline config (distill, prune, quantize, validate, bench)."),
     "report": ("kcompress.pipeline_commands:report", "Report over run folders: tables and Pareto plots."),
