@@ -205,14 +205,16 @@ def baseline(model: str, data: str, out: Optional[str], batch_sizes: str, thread
 @click.option("--io", type=click.Choice(["int8", "uint8", "float"]), default=None,
               help="Input/output type [default: int8 for --mode int8, else float].")
 @click.option("--float-layers", default="", help="Comma-separated Keras layer names to keep in float; "
-              "'first' and 'last' name the first/last layer with weights.")
+              "'first' and 'last' name the first/last layer with weights; 'auto' keeps the fewest, most "
+              "sensitive layers float so the drop stays within --max-drop.")
+@click.option("--max-drop", type=float, default=None, help="With --float-layers auto: accuracy points you can lose.")
 @click.option("--limit", type=int, default=None, help="Evaluate on the first N samples only.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @preprocess_options
 @handle_errors
 def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Optional[str],
              calibration_samples: int, per_tensor: bool, io: Optional[str], float_layers: str,
-             limit: Optional[int], overwrite: bool, **kw) -> None:
+             max_drop: Optional[float], limit: Optional[int], overwrite: bool, **kw) -> None:
     """Post-training quantization of MODEL to a .tflite file, checked in the LiteRT interpreter.
 
     Prints accuracy, size and latency (1 thread, batch 1) before and after, and a hint when the quantized model
@@ -222,6 +224,7 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     Examples:
       kcompress quantize model.keras --data train/ --val-data val/ --scale 0.00392
       kcompress quantize model.keras --data digits:train --mode int8 --float-layers first,last
+      kcompress quantize model.keras --data train/ --val-data val/ --float-layers auto --max-drop 0.3
     """
     from kcompress.benchmark import bench_tflite
     from kcompress.convert import QuantizeOptions, convert, resolve_float_layers
@@ -250,11 +253,29 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     val = open_data(val_data, pre) if val_data else src
     check_fits(src, shape, classes)
     check_fits(val, shape, classes)
+    console = _console()
+    auto = names == ("auto",)
+    if auto:
+        if mode != "int8" or exported:
+            raise UsageError("--float-layers auto needs --mode int8 and a Keras model")
+        from kcompress.sensitivity import auto_float_layers
+
+        max_drop = 0.3 if max_drop is None else max_drop
+        console.print(f"Choosing float layers so the drop stays within {max_drop} points ...")
+        names, plan = auto_float_layers(source, calibration_data=src, val_data=val, max_drop=max_drop,
+                                        calibration_samples=calibration_samples, per_channel=not per_tensor, io=io,
+                                        log=lambda m: console.print(m, markup=False))
+        for row in plan.get("chosen", []):
+            console.print(f"  keeping {row['layer']} in float costs {_mb(row['float_cost_bytes'])} "
+                          f"(SQNR {row['sqnr_db']:.1f} dB)")
+        if not names:
+            console.print("  plain int8 is already within the budget: no layer kept in float")
+    elif max_drop is not None:
+        raise UsageError("--max-drop goes with --float-layers auto")
     opts = QuantizeOptions(
         mode=mode, calibration_samples=calibration_samples, per_channel=not per_tensor, io=io,
-        float_layers=resolve_float_layers(source, names) if names else (),
+        float_layers=tuple(names) if auto else (resolve_float_layers(source, names) if names else ()),
     )
-    console = _console()
     console.print(f"Converting {model} ({mode}, {'per-tensor' if per_tensor else 'per-channel'} weights) ...")
     if not exported:
         fp32 = convert(source)

@@ -156,3 +156,17 @@ def test_demo_config_is_the_shipped_quickstart():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "configs", "quickstart.yaml")) as f:
         assert yaml.safe_load(f) == QUICKSTART
+
+
+def test_quantize_float_layers_auto(cnn_path, tmp_path):
+    out = tmp_path / "auto.tflite"
+    r = run_cli("quantize", cnn_path, "--data", "digits:train", "--val-data", "digits:val", *SCALE,
+                "--float-layers", "auto", "--max-drop", "0.3", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "Choosing float layers so the drop stays within 0.3 points" in r.output
+    import re
+
+    change = float(re.search(r"accuracy.*?([+-]\d+\.\d+) pts", r.output).group(1))
+    assert change >= -0.3 - 1e-9  # measured on --val-data, as the search was
+    r = run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "--max-drop", "1", "-o", tmp_path / "x.tflite")
+    assert r.exit_code == 2 and "--max-drop goes with --float-layers auto" in r.output
