@@ -26,6 +26,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("kcompress.commands:quantize", "Post-training quantization to a .tflite (dynamic/float16/int8/int16x8)."),
     "evaluate": ("kcompress.commands:evaluate", "Accuracy metrics of a Keras model or .tflite file on data."),
     "bench": ("kcompress.commands:bench", "Latency, throughput and memory of a .tflite in the LiteRT interpreter."),
+    "distill": ("kcompress.distill_commands:distill_cmd", "Train a smaller student from a teacher (knowledge distillation)."),
     "inspect": ("kcompress.commands:inspect_cmd", "Layers, ops, shapes, dtypes and quantization of a model or .tflite."),
 }
 

@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--schedule", default="constant")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--min-teacher-accuracy", type=float, default=None, help="(for smoke runs with a weak teacher)")
     ap.add_argument("--stage", choices=["all", "teacher"], default="all")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -168,7 +169,8 @@ def main() -> None:
             student = keras.models.clone_model(init)
             student.set_weights(init_weights)
             opts = DistillOptions(temperature=args.temperature, alpha=args.alpha, schedule=args.schedule,
-                                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, verbose=2)
+                                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, verbose=2,
+                                  min_teacher_accuracy=args.min_teacher_accuracy)
             res = distill(teacher, student, train, val, opts)
             runs[f"distill{seed}"] = {"test": test_accuracy(res.student, test),
                                       "epoch_seconds": [h["seconds"] for h in res.history],
@@ -181,7 +183,7 @@ def main() -> None:
         student.set_weights(init_weights)
         opts = DistillOptions(temperature=args.temperature, alpha=args.alpha, schedule=args.schedule,
                               epochs=args.cost_epochs, batch_size=args.batch_size, lr=args.lr, seed=0, verbose=2,
-                              cache_teacher="off")
+                              cache_teacher="off", min_teacher_accuracy=args.min_teacher_accuracy)
         res = distill(teacher, student, train, val, opts)
         runs["uncached"] = {"epoch_seconds": [h["seconds"] for h in res.history]}
         save_results()
@@ -202,7 +204,7 @@ def main() -> None:
     print()
     print(f"CIFAR-10, {args.train_size} training images, {args.epochs} epochs, seeds {args.seeds}, "
           f"T={args.temperature}, alpha={args.alpha}, schedule {args.schedule}, batch {args.batch_size}; "
-          "accuracy on the 10k test split (best epoch by a 5k VAL split held out of train)")
+          "f"accuracy on the {test.num_samples} test images (best epoch by {val.num_samples} VAL images held out of train)")
     print()
     print("| model | params | test accuracy (mean ± sd) | per seed |")
     print("|---|---|---|---|")
