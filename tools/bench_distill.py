@@ -204,7 +204,7 @@ def main() -> None:
     print()
     print(f"CIFAR-10, {args.train_size} training images, {args.epochs} epochs, seeds {args.seeds}, "
           f"T={args.temperature}, alpha={args.alpha}, schedule {args.schedule}, batch {args.batch_size}; "
-          "f"accuracy on the {test.num_samples} test images (best epoch by {val.num_samples} VAL images held out of train)")
+          f"accuracy on the {test.num_samples} test images (best epoch by {val.num_samples} VAL images held out of train)")
     print()
     print("| model | params | test accuracy (mean ± sd) | per seed |")
     print("|---|---|---|---|")
