@@ -222,12 +222,16 @@ def weights_bytes(model) -> int:
 
 
 def _teacher_fn(teacher):
-    probs = outputs_probabilities(teacher)
+    """One traced function per teacher (kept on the model, so repeated passes do not retrace)."""
+    run = getattr(teacher, "_kcompress_logits_fn", None)
+    if run is None:
+        probs = outputs_probabilities(teacher)
 
-    @tf.function(reduce_retracing=True)
-    def run(x):
-        return _as_logits(teacher(x, training=False), probs)
+        @tf.function(reduce_retracing=True)
+        def run(x):
+            return _as_logits(teacher(x, training=False), probs)
 
+        teacher._kcompress_logits_fn = run
     return run
 
 
