@@ -51,6 +51,7 @@ __all__ = [
     "distill",
     "distill_demo_step",
     "weights_bytes",
+    "size_warnings",
 ]
 
 _FLOOR = 1e-30

@@ -70,8 +70,9 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
     if (student is None) == (student_width is None):
         raise UsageError("pass exactly one of --student MODEL or --student-width W")
     from kcompress.data import Preprocess, open_data
-    from kcompress.distill import DistillOptions, TemperatureSchedule, distill
-    from kcompress.models import check_output_path, load_model, save_model
+    from kcompress.distill import (DistillOptions, TemperatureSchedule, check_compatible, derive_student, distill,
+                                   size_warnings, weights_bytes)
+    from kcompress.models import check_output_path, count_params, load_model, save_model
 
     pre = Preprocess.parse(scale, offset, mean, std)
     TemperatureSchedule.parse(temperature_schedule, temperature)  # reject a bad spec before loading anything
@@ -92,17 +93,25 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
     train = open_data(data, pre)
     val = open_data(val_data, pre) if val_data else None
     teacher_model = load_model(teacher)
-    student_arg = load_model(student) if student else student_width
+    if student:
+        student_model = load_model(student)
+    else:
+        from kcompress._keras import keras
+
+        keras.utils.set_random_seed(seed)
+        student_model = derive_student(teacher_model, student_width)
+    check_compatible(teacher_model, student_model)
+    t_bytes, s_bytes = weights_bytes(teacher_model), weights_bytes(student_model)
+    click.echo(f"teacher: {count_params(teacher_model)['total']:,} params, {_mb(t_bytes)}")
+    click.echo(f"student: {count_params(student_model)['total']:,} params, {_mb(s_bytes)} "
+               f"({100 * s_bytes / t_bytes:.1f}% of the teacher)")
+    for w in size_warnings(t_bytes, s_bytes):
+        click.echo(f"warning: {w}")
     if val is None:
         click.echo("note: no --val-data; the teacher is checked and the best epoch chosen on the training data")
-    result = distill(teacher_model, student_arg, train, val, options, checkpoint_dir=ckpt, resume=resume)
+    result = distill(teacher_model, student_model, train, val, options, checkpoint_dir=ckpt, resume=resume)
 
-    click.echo(f"teacher: {result.teacher_params:,} params, {_mb(result.teacher_bytes)}, "
-               f"accuracy {result.teacher_accuracy:.4f} on {val.name if val else train.name}")
-    click.echo(f"student: {result.student_params:,} params, {_mb(result.student_bytes)} "
-               f"({100 * result.size_ratio:.1f}% of the teacher)")
-    for w in result.warnings:
-        click.echo(f"warning: {w}")
+    click.echo(f"teacher accuracy {result.teacher_accuracy:.4f} on {val.name if val else train.name}")
     if result.best_epoch is not None:
         acc = f", VAL accuracy {result.student_accuracy:.4f}" if result.student_accuracy is not None else ""
         click.echo(f"best epoch {result.best_epoch} of {len(result.history)}{acc} "

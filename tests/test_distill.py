@@ -291,3 +291,11 @@ def test_cli_rejects_mismatched_students_and_bad_usage(teacher_file, tmp_path):
 def test_cli_help_has_an_example():
     r = _run("--help")
     assert r.exit_code == 0 and "--student-width" in r.output and "kcompress distill --teacher" in r.output
+
+
+def test_size_warnings():
+    from kcompress.distill import size_warnings
+
+    assert "little compression" in size_warnings(1000, 600)[0]
+    assert "accuracy floor" in size_warnings(1000, 30)[0]
+    assert size_warnings(1000, 250) == []
