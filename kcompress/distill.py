@@ -525,9 +525,12 @@ def distill(
         where = "off" if augment is not None else "auto"
     t0 = time.perf_counter()
     logits = None
+    temp_cache = None
     if where != "off":
-        logits, where = cache_teacher_outputs(teacher, train, options.batch_size, options.seed, where,
-                                              os.path.join(checkpoint_dir, "cache") if checkpoint_dir else None)
+        cache_dir = os.path.join(checkpoint_dir, "cache") if checkpoint_dir else None
+        if cache_dir is None:
+            cache_dir = temp_cache = tempfile.mkdtemp(prefix="kcompress-teacher-")
+        logits, where = cache_teacher_outputs(teacher, train, options.batch_size, options.seed, where, cache_dir)
     cache_seconds = time.perf_counter() - t0
     train_ds = _train_dataset(train, shape, options.batch_size, options.seed, logits, augment)
     val_ds = None
@@ -556,9 +559,14 @@ def distill(
             initial_epoch = options.epochs
 
     verbose = options.verbose if options.verbose is not None else (1 if sys.stderr.isatty() else 2)
-    if initial_epoch < options.epochs:
-        distiller.fit(train_ds, validation_data=val_ds, epochs=options.epochs, initial_epoch=initial_epoch,
-                      verbose=verbose, callbacks=[cb, *callbacks])
+    try:
+        if initial_epoch < options.epochs:
+            distiller.fit(train_ds, validation_data=val_ds, epochs=options.epochs, initial_epoch=initial_epoch,
+                          verbose=verbose, callbacks=[cb, *callbacks])
+    finally:
+        if temp_cache:
+            del train_ds, logits
+            shutil.rmtree(temp_cache, ignore_errors=True)
     if cb.best_weights is not None:
         student.set_weights(cb.best_weights)
     best_row = next((h for h in cb.history if h["epoch"] == cb.best_epoch), None)
@@ -589,7 +597,3 @@ def distill_demo_step(teacher, train: DataSource, val: DataSource, width: float 
     """The demo's distillation step: a student of ``width`` times the teacher's widths, T=4, alpha=0.5."""
     return distill(teacher, width, train, val, DistillOptions(epochs=epochs, seed=seed, verbose=verbose))
 
-
-def clear_checkpoints(checkpoint_dir: str) -> None:
-    if os.path.isdir(checkpoint_dir):
-        shutil.rmtree(checkpoint_dir)
