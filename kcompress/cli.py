@@ -29,6 +29,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("kcompress.prune_commands:prune", "Prune with fine-tuning: magnitude sparsity or structured channel removal."),
     "qat": ("kcompress.quantize_commands:qat", "Quantization-aware training to an int8 .tflite, compared with PTQ."),
     "sensitivity": ("kcompress.quantize_commands:sensitivity", "Per-layer int8 sensitivity, ranked (table + JSON)."),
+    "distill": ("kcompress.distill_commands:distill_cmd", "Train a smaller student from a teacher (knowledge distillation)."),
     "inspect": ("kcompress.commands:inspect_cmd", "Layers, ops, shapes, dtypes and quantization of a model or .tflite."),
     "run": ("kcompress.pipeline_commands:run", "Run a pipeline config (distill, prune, quantize, validate, bench)."),
     "report": ("kcompress.pipeline_commands:report", "Report over run folders: tables and Pareto plots."),
