@@ -72,7 +72,7 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
     from kcompress.data import Preprocess, open_data
     from kcompress.distill import (DistillOptions, TemperatureSchedule, check_compatible, derive_student, distill,
                                    size_warnings, weights_bytes)
-    from kcompress.models import check_output_path, count_params, load_model, save_model
+    from kcompress.models import check_output_path, count_params, load_model, model_format, save_model
 
     pre = Preprocess.parse(scale, offset, mean, std)
     TemperatureSchedule.parse(temperature_schedule, temperature)  # reject a bad spec before loading anything
@@ -92,9 +92,10 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
     options.validate()
     train = open_data(data, pre)
     val = open_data(val_data, pre) if val_data else None
-    teacher_model = load_model(teacher)
+    teacher_model = load_model(teacher, stage="distill")
+    keras3_in = model_format(teacher) == "keras3"
     if student:
-        student_model = load_model(student)
+        student_model = load_model(student, stage="distill")
     else:
         from kcompress._keras import keras
 
@@ -116,7 +117,7 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
         acc = f", VAL accuracy {result.student_accuracy:.4f}" if result.student_accuracy is not None else ""
         click.echo(f"best epoch {result.best_epoch} of {len(result.history)}{acc} "
                    f"(teacher outputs cache: {result.cache})")
-    save_model(result.student, out, overwrite=True)
+    save_model(result.student, out, overwrite=True, keras3=keras3_in and out.endswith(".keras"))
     import shutil
 
     shutil.rmtree(ckpt, ignore_errors=True)
