@@ -53,3 +53,30 @@ def test_quantize_a_keras3_export_and_refuse_training_stages(k3_cnn_path, tmp_pa
     r = run_cli("baseline", exported, "--data", "digits:val")
     assert r.exit_code == 1
     assert "export" in r.output.lower() and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("method, extra", [("magnitude", ["--sparsity", "0.5"]), ("structured", ["--ratio", "0.25"])])
+def test_prune_a_keras3_file_returns_keras3(k3_cnn_path, tmp_path, method, extra):
+    from kcompress.keras3 import is_keras3_file
+
+    out = tmp_path / f"k3_{method}.keras"
+    r = run_cli("prune", k3_cnn_path, "--data", "digits:train", "--val-data", "digits:val", "--scale", SCALE,
+                "--method", method, *extra, "--epochs", "1", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert "as a Keras 3 model" in r.output
+    assert is_keras3_file(str(out))
+    model = keras3().models.load_model(str(out))
+    x = np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 1)).astype(np.float32)
+    assert model.predict(x, verbose=0).shape == (4, 10)
+
+
+def test_distill_a_keras3_teacher_returns_a_keras3_student(k3_cnn_path, tmp_path):
+    from kcompress.keras3 import is_keras3_file
+
+    out = tmp_path / "k3_student.keras"
+    r = run_cli("distill", "--teacher", k3_cnn_path, "--data", "digits:train", "--val-data", "digits:val",
+                "--scale", SCALE, "--student-width", "0.5", "--epochs", "2", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert is_keras3_file(str(out))
+    student = keras3().models.load_model(str(out))
+    assert student.count_params() < keras3().models.load_model(k3_cnn_path).count_params()
