@@ -314,6 +314,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callab
                 path = os.path.join(sdir, "model.tflite")
                 atomic_write_bytes(path, tfl, overwrite=True)
                 metrics, outputs = _measure(ctx, stage, tfl, path)
+                for key in ("params", "macs"):  # the same network, now in int8
+                    metrics[key] = records[-1].metrics.get(key)
                 produced = path
             else:
                 fn = {"train": _stage_train, "baseline": _stage_baseline, "distill": _stage_distill,
