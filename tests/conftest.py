@@ -30,6 +30,12 @@ def digits_val(digits_pre):
 
 
 @pytest.fixture(scope="session")
+def digits(digits_train, digits_val):
+    """(digits:train, digits:val), pixels scaled to 0-1."""
+    return digits_train, digits_val
+
+
+@pytest.fixture(scope="session")
 def trained_cnn(digits_train, digits_val):
     """digits_cnn trained for 10 epochs (about 96% on digits:val)."""
     from kcompress.architectures import digits_cnn

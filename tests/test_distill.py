@@ -50,11 +50,6 @@ def fixed_logits():
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return open_data("digits:train", PRE), open_data("digits:val", PRE)
-
-
-@pytest.fixture(scope="module")
 def teacher(digits):
     model = digits_cnn(width=16)
     fit(model, *digits, epochs=8, lr=3e-3, seed=0, verbose=0)

@@ -22,11 +22,6 @@ PRE = Preprocess(scale=1 / 255)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return open_data("digits:train", PRE), open_data("digits:val", PRE)
-
-
-@pytest.fixture(scope="module")
 def trained(digits):
     model = digits_cnn(width=8)
     fit(model, digits[0], digits[1], epochs=4, lr=3e-3, verbose=0)

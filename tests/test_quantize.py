@@ -28,16 +28,8 @@ PRE = Preprocess(scale=1 / 255)
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return open_data("digits:train", PRE), open_data("digits:val", PRE)
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    train, val = digits
-    model = digits_cnn()
-    fit(model, train, val, epochs=10, seed=0, verbose=0)
-    return model
+def trained(trained_cnn):
+    return trained_cnn
 
 
 def _clone(model):
