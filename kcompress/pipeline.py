@@ -324,6 +324,7 @@ def run_pipeline(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callab
                 metrics, outputs = _measure(ctx, stage, model, produced)
             metrics.update(extra)
             metrics["seconds"] = round(time.time() - t0, 1)
+            metrics["config_hash"] = config_hash(cfg)
             _write_json(os.path.join(sdir, "metrics.json"), metrics)
             np.savez_compressed(os.path.join(sdir, "outputs.npz"), outputs=outputs, labels=ctx.val.labels)
             with open(os.path.join(sdir, "config.yaml"), "w", encoding="utf-8") as f:
@@ -331,7 +332,8 @@ def run_pipeline(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callab
             with open(os.path.join(sdir, "log.txt"), "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
             _write_json(os.path.join(sdir, "stage.json"),
-                        {"stage": stage, "chain": chain, "model_path": produced, "finished": time.time()})
+                        {"stage": stage, "chain": chain, "config_hash": config_hash(cfg), "model_path": produced,
+                         "finished": time.time()})
             records.append(StageRecord(stage, sdir, produced, metrics))
             model = model if stage != "quantize" else produced
             log(f"[{stage}] accuracy {100 * metrics['accuracy']:.2f}%, size {metrics['size_bytes'] / 1e3:.1f} kB, "

@@ -42,6 +42,7 @@ def test_stage_folders_hold_model_metrics_config_and_log(ptq_run):
     q = json.load(open(os.path.join(run_dir, "04-quantize", "metrics.json")))
     b = json.load(open(os.path.join(run_dir, "01-baseline", "metrics.json")))
     assert q["kind"] == "tflite" and q["method"] == "ptq"
+    assert q["config_hash"] == b["config_hash"] == read_metadata(os.path.join(run_dir, "04-quantize", "model.tflite"))["config_hash"]
     assert abs(q["accuracy"] - b["accuracy"]) <= 0.01
     assert q["tflite_bytes"] < 0.3 * b["params"] * 4
     assert os.path.exists(os.path.join(run_dir, "01-baseline", "baseline.json"))
