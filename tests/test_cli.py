@@ -62,10 +62,13 @@ def test_dynamic_mode_prints_a_slowdown_hint_only_when_slower(cnn_path, tmp_path
 def test_evaluate_npz_with_the_same_preprocessing(cnn_path, digits_npz):
     r = run_cli("evaluate", cnn_path, "--data", digits_npz, *SCALE, "--json")
     assert r.exit_code == 0, r.output
-    scaled = json.loads(r.output)["accuracy"]
-    assert scaled > 0.9
-    r = run_cli("evaluate", cnn_path, "--data", digits_npz, "--json")  # no scaling: 0-255 inputs, wrong
-    assert json.loads(r.output)["accuracy"] < scaled - 0.03  # nothing rescales behind the user's back
+    scaled = json.loads(r.output)
+    builtin = json.loads(run_cli("evaluate", cnn_path, "--data", "digits:val", *SCALE, "--json").output)
+    assert scaled["accuracy"] > 0.9
+    assert scaled["confusion_matrix"] == builtin["confusion_matrix"]  # same pixels, same preprocessing
+    assert abs(scaled["mean_confidence"] - builtin["mean_confidence"]) < 1e-6
+    raw = json.loads(run_cli("evaluate", cnn_path, "--data", digits_npz, "--json").output)
+    assert abs(raw["mean_confidence"] - scaled["mean_confidence"]) > 1e-3  # nothing rescales behind the user's back
 
 
 def test_baseline_json(cnn_path, tmp_path):
