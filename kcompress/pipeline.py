@@ -239,8 +239,11 @@ def _final_metadata(ctx: _Ctx, records: list[StageRecord], extra: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------------------- runner
 def _chain(prev: str, section: Any) -> str:
-    text = prev + json.dumps(config_to_dict(section) if dataclasses.is_dataclass(section) else section,
-                             sort_keys=True, default=str)
+    """Hash of a stage's settings chained to the earlier stages'. ``max_drop`` is left out: a gate does not change
+    the model, so loosening one and resuming re-checks the gate without redoing the stage."""
+    settings = config_to_dict(section) if dataclasses.is_dataclass(section) else dict(section)
+    settings.pop("max_drop", None)
+    text = prev + json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

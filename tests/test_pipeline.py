@@ -72,6 +72,16 @@ def test_resume_skips_finished_stages_and_reruns_changed_ones(ptq_run, cnn_path)
         run_pipeline(_cfg(cnn_path), run_dir)
 
 
+def test_loosening_a_gate_and_resuming_does_not_redo_the_stage(cnn_path, tmp_path):
+    run_dir = str(tmp_path / "gate")
+    with pytest.raises(GateFailed):
+        run_pipeline(_cfg(cnn_path, max_drop=-100.0), run_dir, log=lambda m: None)
+    logs = []
+    run_pipeline(_cfg(cnn_path, max_drop=5.0), run_dir, resume=True, log=logs.append)
+    assert "[quantize] finished earlier, skipped" in logs
+    assert any(line.startswith("[benchmark] running") for line in logs)
+
+
 def test_gate_stops_the_run_naming_the_stage_and_keeps_artifacts(cnn_path, tmp_path):
     run_dir = str(tmp_path / "gated")
     with pytest.raises(GateFailed, match=r"stage quantize dropped accuracy by .* more than its max_drop -100"):

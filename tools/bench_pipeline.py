@@ -19,6 +19,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from kcompress.config import load_config  # noqa: E402
+from kcompress.errors import KcompressError  # noqa: E402
 from kcompress.pipeline import run_pipeline  # noqa: E402
 from kcompress.report import read_run, write_report  # noqa: E402
 
@@ -37,7 +38,10 @@ def main() -> None:
     overrides = [f"data.train={args.data}/train", f"data.val={args.data}/test", *args.overrides]
     cfg, _ = load_config(args.config, overrides)
     t0 = time.time()
-    run_pipeline(cfg, args.out, resume=args.resume, log=lambda m: print(m, flush=True))
+    try:
+        run_pipeline(cfg, args.out, resume=args.resume, log=lambda m: print(m, flush=True))
+    except KcompressError as e:
+        sys.exit(f"stopped: {e}\n(loosen the gate with e.g. distill.max_drop=5 max_drop=6 and --resume)")
     write_report([args.out])
     stages = {s["stage"]: s["metrics"] for s in read_run(args.out)}
     base = stages["baseline"]
