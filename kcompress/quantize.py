@@ -453,6 +453,15 @@ def int8_report(tflite: bytes, fp32_bytes: int, float_layers=()) -> dict[str, An
     }
 
 
+def _output_in(model, layer):
+    """The layer's output in ``model``'s own graph. Gotcha: ``layer.output`` is its FIRST call's output, which for
+    layers shared with the model a nested model was flattened from (ConvNeXt) belongs to the other graph."""
+    for i, node in enumerate(layer._inbound_nodes):
+        if f"{layer.name}_ib-{i}" in model._network_nodes:
+            return node.outputs
+    return layer.output
+
+
 def diverging_layers(kmodel, tflite: bytes, x: np.ndarray, top: int = 5) -> list[dict]:
     """Layers whose TFLite outputs differ most from the Keras model's on ``x`` (relative RMSE), worst first.
 
@@ -462,7 +471,7 @@ def diverging_layers(kmodel, tflite: bytes, x: np.ndarray, top: int = 5) -> list
     from ai_edge_litert.interpreter import Interpreter
 
     layers = [la for la in kmodel.layers if not isinstance(la, L.InputLayer)]
-    probe = keras.Model(kmodel.inputs, [la.output for la in layers])
+    probe = keras.Model(kmodel.inputs, [_output_in(kmodel, la) for la in layers])
     interp = Interpreter(model_content=bytes(tflite), experimental_preserve_all_tensors=True)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]

@@ -134,3 +134,13 @@ def test_compare_and_recommend(cnn_path, ptq_run, tmp_path):
     assert "# distill:" in text and "# quantize: microcontrollers run int8" in text
     r = run_cli("recommend", cnn_path, "--target", "mobile-gpu", "-o", tmp_path / "gpu.yaml")
     assert yaml.safe_load((tmp_path / "gpu.yaml").read_text())["quantize"]["mode"] == "float16"
+
+
+def test_quantize_stage_runs_qat_and_keeps_the_better(cnn_path, tmp_path):
+    logs = []
+    records = run_pipeline(_cfg(cnn_path, qat="always", qat_epochs=1), str(tmp_path / "qat"), log=logs.append)
+    q = records[1].metrics
+    assert q["stage"] == "quantize" and "qat_accuracy" in q and "ptq_accuracy" in q
+    assert q["method"] == ("qat" if q["qat_accuracy"] > q["ptq_accuracy"] else "ptq")
+    assert q["accuracy"] == pytest.approx(max(q["qat_accuracy"], q["ptq_accuracy"]), abs=1e-9)
+    assert any("running quantization-aware training" in line for line in logs)
