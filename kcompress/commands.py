@@ -34,8 +34,8 @@ def int_list(text: str, what: str) -> tuple[int, ...]:
 def preprocess_options(fn):
     """--scale/--offset/--mean/--std, applied identically to Keras, calibration and TFLite evaluation."""
     opts = [
-        click.option("--scale", type=float, default=None, help="Multiply inputs by this (e.g. 0.00392 = 1/255)."),
-        click.option("--offset", type=float, default=None, help="Then add this."),
+        click.option("--scale", default=None, help="Multiply inputs by this (e.g. 1/255 or 0.00392)."),
+        click.option("--offset", default=None, help="Then add this."),
         click.option("--mean", default=None, help="Then subtract this (one value or per-channel: 123.7,116.3,103.5)."),
         click.option("--std", default=None, help="Then divide by this (one value or per-channel)."),
     ]

@@ -57,19 +57,24 @@ class Preprocess:
 
     @classmethod
     def parse(cls, scale=None, offset=None, mean=None, std=None) -> "Preprocess":
-        """From CLI strings: ``mean``/``std`` may be one number or comma-separated per-channel values."""
+        """From CLI strings: numbers may be fractions (``1/255``); ``mean``/``std`` may be comma-separated
+        per-channel values."""
+
+        def number(v: str) -> float:
+            num, _, den = str(v).partition("/")
+            return float(num) / float(den) if den else float(num)
 
         def floats(s, default):
             if s is None or s == "":
                 return default
             try:
-                return tuple(float(v) for v in str(s).split(","))
-            except ValueError:
-                raise UsageError(f"expected a number or comma-separated numbers, got {s!r}") from None
+                return tuple(number(v) for v in str(s).split(","))
+            except (ValueError, ZeroDivisionError):
+                raise UsageError(f"expected a number, a fraction or comma-separated numbers, got {s!r}") from None
 
         p = cls(
-            scale=float(scale) if scale is not None else 1.0,
-            offset=float(offset) if offset is not None else 0.0,
+            scale=floats(scale, (1.0,))[0],
+            offset=floats(offset, (0.0,))[0],
             mean=floats(mean, (0.0,)),
             std=floats(std, (1.0,)),
         )

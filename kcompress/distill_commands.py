@@ -7,6 +7,7 @@ import os
 import click
 
 from kcompress.cli import handle_errors
+from kcompress.commands import preprocess_options
 from kcompress.errors import UsageError
 
 __all__ = ["distill_cmd", "default_output"]
@@ -43,10 +44,7 @@ def _mb(n: int) -> str:
 @click.option("--cache-teacher", type=click.Choice(["auto", "memory", "disk", "off"]), default="auto",
               show_default=True, help="Where the teacher's outputs are cached (off: the teacher runs every step).")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--scale", type=float, default=None, help="Multiply inputs by this (e.g. 0.00392 = 1/255).")
-@click.option("--offset", type=float, default=None, help="Then add this.")
-@click.option("--mean", default=None, help="Then subtract this (one value or per-channel: 123.7,116.3,103.5).")
-@click.option("--std", default=None, help="Then divide by this (one value or per-channel).")
+@preprocess_options
 @click.option("-o", "--out", default=None, help="Output student model [default: TEACHER_student.keras].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoints (OUT.ckpt/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and start over its checkpoints).")

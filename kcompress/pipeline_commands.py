@@ -161,10 +161,7 @@ def recommend(model: str, target: str, data: str, val_data: str, max_size_mb, ma
     from kcompress.recommend import recommend as plan
 
     check_output_path(out, overwrite)
-    pre = {k: v for k, v in (("scale", kw.get("scale")), ("offset", kw.get("offset"))) if v is not None}
-    for k in ("mean", "std"):
-        if kw.get(k):
-            pre[k] = [float(v) for v in str(kw[k]).split(",")]
+    pre = _preprocess(kw).to_dict()
     text, facts = plan(model, target, data, val_data, max_size_mb, max_latency_ms, max_drop, pre)
     atomic_write_bytes(out, text.encode(), overwrite=overwrite)
     click.echo(text)

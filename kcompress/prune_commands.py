@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from kcompress.cli import handle_errors
+from kcompress.commands import preprocess_options
 
 __all__ = ["prune"]
 
@@ -44,10 +45,7 @@ def _kb(n: int) -> str:
 @click.option("--lr", type=float, default=None, help="Fine-tuning learning rate [magnitude 1e-4, structured 1e-3].")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--scale", default=None, help="Preprocessing: x * scale + offset, then (x - mean) / std.")
-@click.option("--offset", default=None)
-@click.option("--mean", default=None, help="One number or comma-separated per-channel values.")
-@click.option("--std", default=None)
+@preprocess_options
 @click.option("-o", "--output", default=None, help="Output model [MODEL_<method>.keras next to MODEL].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @handle_errors

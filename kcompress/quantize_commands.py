@@ -9,30 +9,9 @@ import os
 import click
 
 from kcompress.cli import handle_errors
+from kcompress.commands import preprocess_options
 
 __all__ = ["qat", "sensitivity"]
-
-
-def _preprocess_options(fn):
-    for opt in reversed(
-        [
-            click.option("--scale", default=None, help="Multiply pixels by this first (e.g. 0.00392 for 1/255)."),
-            click.option("--offset", default=None, help="Then add this."),
-            click.option("--mean", default=None, help="Then subtract this (one number or per-channel a,b,c)."),
-            click.option("--std", default=None, help="Then divide by this (one number or per-channel a,b,c)."),
-        ]
-    ):
-        fn = opt(fn)
-    return fn
-
-
-def _scale(value):
-    if value is None:
-        return None
-    if "/" in str(value):
-        num, den = str(value).split("/", 1)
-        return float(num) / float(den)
-    return float(value)
 
 
 def _echo_table(headers, rows):
@@ -60,7 +39,7 @@ def _echo_table(headers, rows):
 @click.option("--keras-out", default=None, help="Also save the QAT Keras model here (to keep training it).")
 @click.option("--json", "json_out", default=None, help="Write the comparison and layer table as JSON here.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
-@_preprocess_options
+@preprocess_options
 @handle_errors
 def qat(model, data_spec, val_data, epochs, lr, batch_size, per_tensor, float_layers, max_drop, io, seed, output,
         keras_out, json_out, overwrite, scale, offset, mean, std):  # fmt: skip
@@ -85,7 +64,7 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, per_tensor, float_la
     for extra in (keras_out, json_out):
         if extra:
             check_output_path(extra, overwrite)
-    pre = Preprocess.parse(_scale(scale), offset, mean, std)
+    pre = Preprocess.parse(scale, offset, mean, std)
     train = open_data(data_spec, pre)
     val = open_data(val_data, pre) if val_data else None
     m = load_model(model)
@@ -148,7 +127,7 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, per_tensor, float_la
 @click.option("--top", default=20, show_default=True, type=int, help="Rows shown (the JSON has all).")
 @click.option("-o", "--json", "json_out", default=None, help="JSON output (default: next to MODEL, *_sensitivity.json).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing JSON file.")
-@_preprocess_options
+@preprocess_options
 @handle_errors
 def sensitivity(model, data_spec, samples, top, json_out, overwrite, scale, offset, mean, std):
     """Per-layer int8 sensitivity of MODEL: quantize one layer at a time, rank by output SQNR (lowest first).
@@ -169,7 +148,7 @@ def sensitivity(model, data_spec, samples, top, json_out, overwrite, scale, offs
         raise UsageError("--samples must be at least 1")
     json_out = json_out or os.path.splitext(model.rstrip("/"))[0] + "_sensitivity.json"
     check_output_path(json_out, overwrite)
-    data = open_data(data_spec, Preprocess.parse(_scale(scale), offset, mean, std))
+    data = open_data(data_spec, Preprocess.parse(scale, offset, mean, std))
     rows = run(load_model(model), data, samples=samples)
     _echo_table(
         ["rank", "layer", "type", "params", "SQNR dB", "acc delta", "float cost KB"],

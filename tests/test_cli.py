@@ -22,9 +22,13 @@ def test_help_of_every_command(command):
     assert "Example" in result.output or command == "device"
 
 
-def test_top_level_help_does_not_import_tensorflow():
-    code = "import sys; from kcompress.cli import main\ntry:\n main(['--help'])\nexcept SystemExit: pass\n" \
-           "print('TF' if 'tensorflow' in sys.modules else 'noTF')"
+def test_help_of_every_command_does_not_import_tensorflow():
+    code = (
+        "import sys\nfrom kcompress.cli import LAZY_COMMANDS, main\n"
+        "for args in [['--help']] + [[c, '--help'] for c in LAZY_COMMANDS]:\n"
+        "    try:\n        main(args)\n    except SystemExit:\n        pass\n"
+        "print('TF' if 'tensorflow' in sys.modules else 'noTF')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("noTF")
 

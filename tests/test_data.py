@@ -30,6 +30,14 @@ def test_preprocess_is_applied_per_channel(tmp_path):
     np.testing.assert_allclose(xb[0, 0, 0], [(60 - 10) / 2, (60 - 20) / 2, (60 - 30) / 2])
 
 
+def test_preprocess_takes_fractions_and_rejects_nonsense():
+    from kcompress.errors import UsageError
+
+    assert Preprocess.parse(scale="1/255").scale == 1 / 255
+    with pytest.raises(UsageError, match="got '1/0'"):
+        Preprocess.parse(scale="1/0")
+
+
 def test_one_hot_labels_become_indices(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((3, 2)), y=np.eye(3)[[2, 0, 1]])
     assert open_data(str(tmp_path / "d.npz")).labels.tolist() == [2, 0, 1]
