@@ -14,14 +14,19 @@ from typing import Any, Optional, Sequence
 from kcompress.benchmark import _versions, bench_keras, bench_tflite
 from kcompress.convert import convert
 from kcompress.data import DataSource
-from kcompress.evaluate import evaluate
+from kcompress.evaluate import Evaluation, evaluate
 from kcompress.models import count_macs, count_params, load_model, path_size, saved_model_size
 from kcompress.results import host_target
 
-__all__ = ["measure_baseline"]
+__all__ = ["measure_baseline", "baseline_run"]
 
 
-def measure_baseline(
+def measure_baseline(model_path_or_model, data: DataSource, **kwargs) -> dict[str, Any]:
+    """Measures the model on ``data``; returns the baseline dict (see the module docstring)."""
+    return baseline_run(model_path_or_model, data, **kwargs)[0]
+
+
+def baseline_run(
     model_path_or_model,
     data: DataSource,
     batch_sizes: Sequence[int] = (1, 8, 32),
@@ -29,8 +34,8 @@ def measure_baseline(
     runs: int = 30,
     warmup: int = 5,
     limit: Optional[int] = None,
-) -> dict[str, Any]:
-    """Measures the model on ``data``; returns the baseline dict (see the module docstring)."""
+) -> tuple[dict[str, Any], Evaluation, bytes]:
+    """The baseline dict plus what was made on the way (the Keras evaluation, the fp32 .tflite) for reuse."""
     t_start = time.time()
     if isinstance(model_path_or_model, str):
         path = model_path_or_model
@@ -52,7 +57,7 @@ def measure_baseline(
     peak = max(
         (r["memory_mb"].get("peak_rss") or 0.0) for rows in latency.values() for r in rows
     )
-    return {
+    record = {
         "kind": "kcompress.baseline/1",
         "model": {
             "path": os.path.abspath(path) if path else None,
@@ -78,3 +83,4 @@ def measure_baseline(
         "environment": {**host_target(**_versions()), "tflite_threads": threads},
         "measured_in_s": round(time.time() - t_start, 1),
     }
+    return record, ev, fp32

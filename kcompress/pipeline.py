@@ -75,14 +75,18 @@ class _Ctx:
         return lambda: self.train.calibration_samples(shape, n, seed=self.cfg.seed)
 
 
-def _measure(ctx: _Ctx, stage: str, model_or_tflite, path: str) -> tuple[dict, np.ndarray]:
-    """Validation metrics plus size, params, MACs and measured latency of what a stage produced."""
+def _measure(ctx: _Ctx, stage: str, model_or_tflite, path: str, evaluation=None, fp32: Optional[bytes] = None
+             ) -> tuple[dict, np.ndarray]:
+    """Validation metrics plus size, params, MACs and measured latency of what a stage produced.
+
+    ``evaluation`` (on ``ctx.val``) and ``fp32`` (the Keras model's fp32 .tflite), when a stage already made them,
+    are reused instead of being computed again."""
     from kcompress.benchmark import bench_tflite
-    from kcompress.convert import QuantizeOptions, convert
+    from kcompress.convert import convert
     from kcompress.evaluate import evaluate
     from kcompress.models import count_macs, count_params, path_size
 
-    ev = evaluate(model_or_tflite, ctx.val, description=f"validating {stage}")
+    ev = evaluation or evaluate(model_or_tflite, ctx.val, description=f"validating {stage}")
     m: dict[str, Any] = {
         "stage": stage,
         "accuracy": ev.accuracy,
@@ -100,7 +104,7 @@ def _measure(ctx: _Ctx, stage: str, model_or_tflite, path: str) -> tuple[dict, n
         m["kind"] = "keras"
         m["params"] = count_params(model)["total"]
         m["macs"] = count_macs(model)
-        fp32 = convert(model)
+        fp32 = fp32 or convert(model)
         m["tflite_fp32_bytes"] = len(fp32)
         m["latency_p50_ms"] = bench_tflite(fp32, threads=1, runs=100, warmup=10).latency_ms.p50
     return m, ev.outputs
@@ -120,19 +124,19 @@ def _stage_train(ctx: _Ctx, model, out_dir: str):
     fit(model, ctx.train, ctx.val, epochs=mc.epochs, batch_size=mc.batch_size, lr=mc.lr, seed=ctx.cfg.seed)
     path = os.path.join(out_dir, "model.keras")
     save_model(model, path, overwrite=True)
-    return model, path, {}
+    return model, path, {}, {}
 
 
 def _stage_baseline(ctx: _Ctx, model, out_dir: str):
-    from kcompress.baseline import measure_baseline
+    from kcompress.baseline import baseline_run
     from kcompress.models import save_model
 
     b = ctx.cfg.baseline
-    record = measure_baseline(model, ctx.val, batch_sizes=tuple(b.batch_sizes), runs=b.runs)
+    record, evaluation, fp32 = baseline_run(model, ctx.val, batch_sizes=tuple(b.batch_sizes), runs=b.runs)
     _write_json(os.path.join(out_dir, "baseline.json"), record)
     path = os.path.join(out_dir, "model.keras")
     save_model(model, path, overwrite=True)
-    return model, path, {"flops": record["flops"]}
+    return model, path, {"flops": record["flops"]}, {"evaluation": evaluation, "fp32": fp32}
 
 
 def _stage_distill(ctx: _Ctx, model, out_dir: str):
@@ -155,7 +159,7 @@ def _stage_distill(ctx: _Ctx, model, out_dir: str):
     save_model(result.student, path, overwrite=True)
     extra = {"teacher_params": result.teacher_params, "student_params": result.student_params,
              "best_epoch": result.best_epoch, "warnings": list(result.warnings)}
-    return result.student, path, extra
+    return result.student, path, extra, {}
 
 
 def _stage_prune(ctx: _Ctx, model, out_dir: str):
@@ -181,7 +185,7 @@ def _stage_prune(ctx: _Ctx, model, out_dir: str):
                  "params_before": result.params_before, "params_after": result.params_after}
     path = os.path.join(out_dir, "model.keras")
     save_model(result.model, path, overwrite=True)
-    return result.model, path, extra
+    return result.model, path, extra, {}
 
 
 def _stage_quantize(ctx: _Ctx, model, out_dir: str, prev_accuracy: float):
@@ -194,11 +198,12 @@ def _stage_quantize(ctx: _Ctx, model, out_dir: str, prev_accuracy: float):
     opts = QuantizeOptions(mode=c.mode, calibration_samples=c.calibration_samples, per_channel=c.per_channel,
                            io=c.io if c.mode == "int8" else None)
     ptq = convert(model, opts, calibration=ctx.calibration(input_shape(model)))
-    ptq_acc = evaluate(ptq, ctx.val, description="validating PTQ").accuracy
+    ptq_ev = evaluate(ptq, ctx.val, description="validating PTQ")
+    ptq_acc = ptq_ev.accuracy
     drop = 100 * (prev_accuracy - ptq_acc)
     ctx.log(f"PTQ {c.mode}: {100 * ptq_acc:.2f}% ({-drop:+.2f} points against the previous stage)")
     extra: dict[str, Any] = {"ptq_accuracy": ptq_acc, "method": "ptq", "mode": c.mode}
-    chosen = ptq
+    chosen, chosen_ev = ptq, ptq_ev
     want_qat = c.mode == "int8" and (c.qat == "always" or (c.qat == "auto" and drop > c.max_drop))
     if want_qat:
         from kcompress.quantize import QATOptions, qat
@@ -208,15 +213,15 @@ def _stage_quantize(ctx: _Ctx, model, out_dir: str, prev_accuracy: float):
                            calibration_samples=c.calibration_samples, seed=ctx.cfg.seed,
                            **({"lr": c.qat_lr} if c.qat_lr else {}))
         result = qat(model, ctx.train, ctx.val, qopts, ptq=False, bench=False, log=ctx.log)
-        qat_acc = evaluate(result.tflite, ctx.val, description="validating QAT").accuracy
-        extra["qat_accuracy"] = qat_acc
+        qat_ev = evaluate(result.tflite, ctx.val, description="validating QAT")
+        qat_acc = extra["qat_accuracy"] = qat_ev.accuracy
         if qat_acc > ptq_acc:
-            chosen, extra["method"] = result.tflite, "qat"
+            chosen, chosen_ev, extra["method"] = result.tflite, qat_ev, "qat"
         ctx.log(f"QAT int8: {100 * qat_acc:.2f}%; keeping {extra['method'].upper()}")
     extra["accuracy"] = max(ptq_acc, extra.get("qat_accuracy", -1.0))
     if ctx.baseline_accuracy is not None:
         extra["baseline_accuracy"] = ctx.baseline_accuracy
-    return chosen, extra
+    return chosen, extra, chosen_ev
 
 
 def _final_metadata(ctx: _Ctx, records: list[StageRecord], extra: dict) -> dict:
@@ -312,19 +317,19 @@ def run_pipeline(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callab
                 model = load_model(model)
             prev_acc = records[-1].metrics["accuracy"] if records else None
             if stage == "quantize":
-                tfl, extra = _stage_quantize(ctx, model, sdir, prev_acc)
-                tfl = add_metadata(tfl, _final_metadata(ctx, records, extra))
+                tfl, extra, evaluation = _stage_quantize(ctx, model, sdir, prev_acc)
+                tfl = add_metadata(tfl, _final_metadata(ctx, records, extra))  # metadata leaves outputs alone
                 path = os.path.join(sdir, "model.tflite")
                 atomic_write_bytes(path, tfl, overwrite=True)
-                metrics, outputs = _measure(ctx, stage, tfl, path)
+                metrics, outputs = _measure(ctx, stage, tfl, path, evaluation=evaluation)
                 for key in ("params", "macs"):  # the same network, now in int8
                     metrics[key] = records[-1].metrics.get(key)
                 produced = path
             else:
                 fn = {"train": _stage_train, "baseline": _stage_baseline, "distill": _stage_distill,
                       "prune": _stage_prune}[stage]
-                model, produced, extra = fn(ctx, model, sdir)
-                metrics, outputs = _measure(ctx, stage, model, produced)
+                model, produced, extra, known = fn(ctx, model, sdir)
+                metrics, outputs = _measure(ctx, stage, model, produced, **known)
             metrics.update(extra)
             metrics["seconds"] = round(time.time() - t0, 1)
             metrics["config_hash"] = config_hash(cfg)
