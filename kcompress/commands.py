@@ -90,13 +90,6 @@ def _default_out(path: str, suffix: str) -> str:
     return base + suffix
 
 
-def _write_json(path: str, obj, overwrite: bool) -> None:
-    from kcompress.models import atomic_write_bytes
-    from kcompress.results import json_clean
-
-    atomic_write_bytes(path, (json.dumps(json_clean(obj), indent=2) + "\n").encode(), overwrite=overwrite)
-
-
 # --------------------------------------------------------------------------------------------------------- demo
 @click.command()
 @click.argument("overrides", nargs=-1, metavar="[section.key=value ...]")
@@ -163,14 +156,14 @@ def baseline(model: str, data: str, out: Optional[str], batch_sizes: str, thread
     """
     from kcompress.baseline import measure_baseline
     from kcompress.data import open_data
-    from kcompress.models import check_output_path
+    from kcompress.models import check_output_path, write_json
 
     sizes = int_list(batch_sizes, "--batch-sizes")
     out = out or _default_out(model, "_baseline.json")
     check_output_path(out, overwrite)
     src = open_data(data, _preprocess(kw))
     b = measure_baseline(model, src, batch_sizes=sizes, threads=threads, runs=runs, warmup=warmup, limit=limit)
-    _write_json(out, b, overwrite)
+    write_json(out, b, overwrite)
     acc = b["accuracy"]
     console = _console()
     rows = [

@@ -8,15 +8,17 @@ Metrics are computed from the predictions in numpy, so Keras and TFLite numbers 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from kcompress.data import DataSource, check_fits
 from kcompress.errors import KcompressError
 from kcompress.progress import progress
 
-__all__ = ["Predictor", "predictor", "Evaluation", "evaluate", "metrics_from_outputs", "compare"]
+if TYPE_CHECKING:  # the data module imports TensorFlow; report readers use the metrics here without it
+    from kcompress.data import DataSource
+
+__all__ = ["probabilities", "Predictor", "predictor", "Evaluation", "evaluate", "metrics_from_outputs", "compare"]
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Evaluation:
         return self.outputs.argmax(axis=1)
 
 
-def _probabilities(outputs: np.ndarray) -> np.ndarray:
+def probabilities(outputs: np.ndarray) -> np.ndarray:
     """Softmax when the outputs are logits (rows not already non-negative and summing to 1)."""
     if outputs.size and np.all(outputs >= -1e-6) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-2):
         return outputs
@@ -94,7 +96,7 @@ def metrics_from_outputs(outputs: np.ndarray, labels: np.ndarray, class_names) -
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes), where=precision + recall > 0)
     present = support > 0
     names = list(class_names) + [str(i) for i in range(len(class_names), n_classes)]
-    probs = _probabilities(outputs)
+    probs = probabilities(outputs)
     out: dict[str, Any] = {
         "num_samples": int(len(labels)),
         "accuracy": float((pred == labels).mean()),
@@ -120,6 +122,8 @@ def evaluate(
 ) -> Evaluation:
     """Runs the model over ``data`` (all of it unless ``limit``) and computes the metrics."""
     pred = model_or_path if isinstance(model_or_path, Predictor) else predictor(model_or_path, batch_size)
+    from kcompress.data import check_fits
+
     check_fits(data, pred.input_shape, pred.num_classes)
     outs, labels = [], []
     total = data.num_samples if limit is None else min(limit, data.num_samples)
@@ -139,7 +143,7 @@ def compare(a: Evaluation, b: Evaluation) -> dict[str, Any]:
     """How ``a`` differs from the reference ``b`` on the same samples: agreement, accuracy and per-class deltas."""
     if len(a.labels) != len(b.labels) or not np.array_equal(a.labels, b.labels):
         raise KcompressError("the two evaluations were not made on the same samples")
-    pa, pb = _probabilities(a.outputs), _probabilities(b.outputs)
+    pa, pb = probabilities(a.outputs), probabilities(b.outputs)
     per_class = {}
     for name, acc in a.metrics["per_class_accuracy"].items():
         ref = b.metrics["per_class_accuracy"].get(name)

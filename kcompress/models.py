@@ -31,6 +31,7 @@ __all__ = [
     "path_size",
     "check_output_path",
     "atomic_write_bytes",
+    "write_json",
 ]
 
 
@@ -63,6 +64,15 @@ def atomic_write_bytes(path: str, data: bytes, overwrite: bool = False) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str, obj, overwrite: bool = False) -> None:
+    """``obj`` as strict JSON (NaN -> null, numpy -> Python), written atomically."""
+    import json
+
+    from kcompress.results import json_clean
+
+    atomic_write_bytes(path, (json.dumps(json_clean(obj), indent=2) + "\n").encode(), overwrite=overwrite)
 
 
 def model_format(path: str) -> str:

@@ -45,12 +45,9 @@ class StageRecord:
 
 
 def _write_json(path: str, obj) -> None:
-    from kcompress.results import json_clean
+    from kcompress.models import write_json
 
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(json_clean(obj), f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, obj, overwrite=True)
 
 
 class _Ctx:
@@ -381,10 +378,7 @@ def _run_benchmark(ctx: _Ctx, records: list[StageRecord], sdir: str, chain: str)
     b = ctx.cfg.benchmark
     final = records[-1]
     report = bench_report([final.model_path], tuple(b.threads), tuple(b.batch_sizes), b.runs, b.warmup)
-    path = os.path.join(sdir, "bench.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(report.to_json())
-    os.replace(path + ".tmp", path)
+    _write_json(os.path.join(sdir, "bench.json"), report.to_dict())
     metrics = dict(final.metrics)
     metrics["stage"] = "benchmark"
     metrics["bench"] = [

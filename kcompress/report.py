@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from kcompress.errors import KcompressError
+from kcompress.evaluate import probabilities
 from kcompress.results import json_clean, load_report
 
 __all__ = ["build_report", "write_report", "pareto_front", "read_run", "STAGE_DIRS"]
@@ -42,14 +43,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
             front.append(i)
             best = points[i][1]
     return front
-
-
-def _softmax_conf(outputs: np.ndarray) -> np.ndarray:
-    if np.all(outputs >= -1e-6) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-2):
-        return outputs.max(axis=1)
-    z = outputs - outputs.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=1, keepdims=True)).max(axis=1)
 
 
 def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
@@ -159,7 +152,7 @@ def _plots(report: dict, out_dir: str) -> list[str]:
     if outputs:
         fig, ax = plt.subplots(figsize=(6.5, 4))
         for stage, out in outputs.items():
-            ax.hist(_softmax_conf(out), bins=20, range=(0, 1), histtype="step", label=stage, lw=1.5)
+            ax.hist(probabilities(out).max(axis=1), bins=20, range=(0, 1), histtype="step", label=stage, lw=1.5)
         ax.set_xlabel("top-1 confidence")
         ax.set_ylabel("validation samples")
         ax.legend(loc="upper left")
