@@ -2,8 +2,8 @@
 
 - :func:`digits_cnn`: the demo's CNN for 8x8x1 digits (about 150k parameters, so int8 size ratios are meaningful);
 - :func:`resnet_cifar`: a ResNet-20-style net (3 stages of residual blocks with ``Add``), 274k params at width 16;
-- :func:`mobilenetv2`: ``tf_keras.applications.MobileNetV2(weights=None)`` for small inputs, with an input
-  scaling layer-free head so data flow in as stated by the user's preprocessing.
+- :func:`mobilenetv2`: ``tf_keras.applications.MobileNetV2(weights=None)`` for small inputs, with BatchNorm
+  momentum suited to short trainings from scratch.
 """
 
 from __future__ import annotations

@@ -150,8 +150,6 @@ def bench_report(
     warmup: int = 10,
 ) -> BenchReport:
     """Every model x threads x batch size, on this host."""
-    from kcompress.runtime import _interpreter_class  # noqa: F401  (fails early if LiteRT is missing)
-
     results = []
     for path in paths:
         for t in threads:

@@ -12,7 +12,7 @@ from typing import Optional
 import click
 
 from kcompress.cli import handle_errors
-from kcompress.errors import KcompressError, UsageError
+from kcompress.errors import UsageError
 
 __all__ = ["demo", "baseline", "quantize", "evaluate", "bench", "inspect_cmd", "preprocess_options", "int_list"]
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from kcompress._keras import keras, tf
+from kcompress._keras import keras
 from kcompress.errors import KcompressError
 
 __all__ = [

@@ -1,6 +1,5 @@
 """Shared fixtures: one digits CNN trained once per session, real data from scikit-learn."""
 
-import os
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from kcompress.cli import LAZY_COMMANDS, main
+from kcompress.cli import LAZY_COMMANDS
 
 SCALE = ["--scale", str(1 / 255)]
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from kcompress._keras import keras, tf
 from kcompress.architectures import digits_cnn, resnet_cifar
 from kcompress.cli import main
-from kcompress.data import Preprocess, open_data
+from kcompress.data import Preprocess
 from kcompress.distill import (
     Distiller,
     DistillOptions,

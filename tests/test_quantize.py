@@ -7,7 +7,6 @@ import pytest
 from click.testing import CliRunner
 
 from kcompress._keras import keras, tfmot
-from kcompress.architectures import digits_cnn
 from kcompress.cli import main
 from kcompress.data import Preprocess, open_data
 from kcompress.models import save_model

@@ -46,7 +46,7 @@ def main() -> None:
     stages = {s["stage"]: s["metrics"] for s in read_run(args.out)}
     base = stages["baseline"]
     teacher_file = base["tflite_fp32_bytes"]
-    print(f"\n| stage | accuracy | relative to teacher | size | teacher size / size | p50 1 thread |")
+    print("\n| stage | accuracy | relative to teacher | size | teacher size / size | p50 1 thread |")
     print("|---|---|---|---|---|---|")
     for name, m in stages.items():
         if name in ("train", "benchmark"):
