@@ -21,7 +21,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from kcompress._keras import tf
+from kcompress.backend import tf
 from kcompress.errors import KcompressError, UsageError
 
 __all__ = ["Preprocess", "DataSource", "open_data", "BUILTIN_DATASETS", "check_fits"]

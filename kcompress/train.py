@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from kcompress._keras import keras, tf
+from kcompress.backend import keras, tf
 from kcompress.data import DataSource
-from kcompress.models import input_shape
+from kcompress.modelinfo import input_shape
 
 __all__ = ["fit", "strategy", "compile_classifier"]
 

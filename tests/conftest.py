@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from kcompress._keras import keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TF)
+from kcompress.backend import keras  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TF)
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +37,8 @@ def digits(digits_train, digits_val):
 @pytest.fixture(scope="session")
 def trained_cnn(digits_train, digits_val):
     """digits_cnn trained for 10 epochs (about 96% on digits:val)."""
-    from kcompress.architectures import digits_cnn
     from kcompress.train import fit
+    from kcompress.zoo import digits_cnn
 
     model = digits_cnn()
     fit(model, digits_train, digits_val, epochs=10, lr=2e-3, verbose=0)
@@ -47,7 +47,7 @@ def trained_cnn(digits_train, digits_val):
 
 @pytest.fixture(scope="session")
 def cnn_path(trained_cnn, tmp_path_factory):
-    from kcompress.models import save_model
+    from kcompress.io import save_model
 
     path = str(tmp_path_factory.mktemp("models") / "cnn.keras")
     save_model(trained_cnn, path)

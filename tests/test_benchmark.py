@@ -1,8 +1,8 @@
 import json
 
-from kcompress.benchmark import bench_report, bench_tflite
-from kcompress.convert import convert
-from kcompress.results import SCHEMA, BenchReport, latency_stats
+from kcompress.bench.host import bench_report, bench_tflite
+from kcompress.bench.schema import SCHEMA, BenchReport, latency_stats
+from kcompress.quantization.ptq import convert
 
 
 def test_latency_stats_match_numpy():

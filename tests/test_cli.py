@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from kcompress.cli import LAZY_COMMANDS
 
 SCALE = ["--scale", str(1 / 255)]
@@ -116,7 +116,7 @@ def test_bench_and_inspect_tflite(cnn_path, tmp_path):
         (["evaluate", "{cnn}", "--data", "{empty}"], 1, "the data set is empty"),
         (["quantize", "{cnn}", "--data", "digits:val", "--calibration-samples", "0"], 2, "at least 1"),
         (["quantize", "{cnn}", "--data", "digits:val", "--mode", "int4"], 2, "Invalid value for '--mode'"),
-        (["quantize", "{cnn}", "--data", "digits:val", "--mode", "float16", "--io", "int8"], 2, "needs --mode int8"),
+        (["quantize", "{cnn}", "--data", "digits:val", "--mode", "float16", "--io", "int8"], 2, "--io: int8 needs mode int8"),
         (["bench", "{cnn}"], 2, "bench takes .tflite files"),
         (["bench", "{tflite}", "--threads", "x"], 2, "--threads: expected comma-separated"),
     ],
@@ -159,7 +159,7 @@ def test_demo_runs_the_quickstart_pipeline(tmp_path):
 def test_demo_config_is_the_shipped_quickstart():
     import yaml
 
-    from kcompress.demo import QUICKSTART
+    from kcompress.pipeline.demo import QUICKSTART
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "configs", "quickstart.yaml")) as f:
@@ -176,5 +176,6 @@ def test_quantize_float_layers_auto(cnn_path, tmp_path):
 
     change = float(re.search(r"accuracy.*?([+-]\d+\.\d+) pts", r.output).group(1))
     assert change >= -0.3 - 1e-9  # measured on --val-data, as the search was
-    r = run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "--max-drop", "1", "-o", tmp_path / "x.tflite")
-    assert r.exit_code == 2 and "--max-drop goes with --float-layers auto" in r.output
+    # --max-drop is also the gate: a budget no int8 model can meet writes the file and exits 1, saying so
+    r = run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "--max-drop", "-50", "-o", tmp_path / "x.tflite")
+    assert r.exit_code == 1 and "more than --max-drop -50" in r.output and (tmp_path / "x.tflite").exists()

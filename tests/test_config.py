@@ -3,8 +3,15 @@ import os
 
 import pytest
 
-from kcompress.config import RunConfig, apply_overrides, config_from_dict, config_hash, defaults_yaml, load_config
 from kcompress.errors import UsageError
+from kcompress.pipeline.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    config_hash,
+    defaults_yaml,
+    load_config,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

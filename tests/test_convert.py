@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 
-from kcompress.convert import QuantizeOptions, convert, resolve_float_layers
 from kcompress.errors import UsageError
-from kcompress.evaluate import evaluate
-from kcompress.models import count_params
-from kcompress.runtime import TFLiteModel, float_op_report, tflite_tensors
+from kcompress.evaluation import evaluate
+from kcompress.litert.interpreter import TFLiteModel, float_op_report, tflite_tensors
+from kcompress.modelinfo import count_params
+from kcompress.options import QuantizeOptions
+from kcompress.quantization.ptq import convert, resolve_float_layers
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from kcompress import device as dev
-from kcompress.benchmark_log import RunStats, parse_benchmark_log, split_runs, strip_log_prefix
+from kcompress.bench import android as dev
+from kcompress.bench.logparse import RunStats, parse_benchmark_log, split_runs, strip_log_prefix
 from kcompress.cli import main
 from kcompress.errors import UsageError
 
@@ -529,6 +529,6 @@ def test_help_teaches_with_examples(cmd):
 
 def test_top_level_help_lists_device_and_device_tools_do_not_import_tensorflow():
     assert "device" in invoke("--help").output
-    code = ("import sys, kcompress.cli, kcompress.device_commands, kcompress.device, kcompress.benchmark_log;"
+    code = ("import sys, kcompress.cli, kcompress.cli.device, kcompress.bench.android, kcompress.bench.logparse;"
             "assert 'tensorflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

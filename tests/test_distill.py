@@ -6,24 +6,18 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kcompress._keras import keras, tf
-from kcompress.architectures import digits_cnn, resnet_cifar
+from kcompress.backend import keras, tf
 from kcompress.cli import main
 from kcompress.data import Preprocess
-from kcompress.distill import (
-    Distiller,
-    DistillOptions,
-    TemperatureSchedule,
-    cache_teacher_outputs,
-    check_teacher,
-    derive_student,
-    distill,
-    distillation_loss,
-)
+from kcompress.distillation.loss import Distiller, TemperatureSchedule, distillation_loss
+from kcompress.distillation.students import derive_student, scaled_layers
+from kcompress.distillation.trainer import cache_teacher_outputs, check_teacher, distill
 from kcompress.errors import KcompressError, UsageError
-from kcompress.models import count_params, save_model
-from kcompress.students import scaled_layers
+from kcompress.io import save_model
+from kcompress.modelinfo import count_params
+from kcompress.options import DistillOptions
 from kcompress.train import fit
+from kcompress.zoo import digits_cnn, resnet_cifar
 
 PRE = Preprocess(scale=1 / 255)
 L = keras.layers
@@ -119,7 +113,7 @@ def test_only_student_trains_and_teacher_is_bit_identical(teacher, digits):
 
 def test_distill_keeps_best_epoch_and_saved_student_loads_with_plain_tf_keras(teacher, digits, tmp_path):
     train, val = digits
-    result = distill(teacher, 0.5, train, val, DistillOptions(epochs=3, verbose=0))
+    result = distill(teacher, 0.5, train, val, DistillOptions(epochs=3), verbose=0)
     assert result.cache == "memory" and len(result.history) == 3
     assert result.student_params < result.teacher_params / 2
     assert result.teacher_accuracy > 0.8
@@ -158,16 +152,16 @@ def test_early_stopping_and_resume(teacher, digits, tmp_path):
     train, val = digits
     flat = keras.Sequential([L.Input((8, 8, 1)), L.Flatten(), L.Dense(16, activation="relu"), L.Dense(10)])
     # lr so small that VAL accuracy cannot improve after the first epoch: patience 1 stops at epoch 2
-    stop = distill(teacher, flat, train, val, DistillOptions(epochs=5, lr=1e-12, patience=1, verbose=0))
+    stop = distill(teacher, flat, train, val, DistillOptions(epochs=5, lr=1e-12, patience=1), verbose=0)
     assert [h["epoch"] for h in stop.history] == [1, 2] and stop.best_epoch == 1
     ckpt = str(tmp_path / "ckpt")
-    first = distill(teacher, 0.5, train, val, DistillOptions(epochs=2, verbose=0), checkpoint_dir=ckpt)
+    first = distill(teacher, 0.5, train, val, DistillOptions(epochs=2), verbose=0, checkpoint_dir=ckpt)
     with pytest.raises(KcompressError, match="--resume"):
-        distill(teacher, 0.5, train, val, DistillOptions(epochs=3, verbose=0), checkpoint_dir=ckpt)
+        distill(teacher, 0.5, train, val, DistillOptions(epochs=3), verbose=0, checkpoint_dir=ckpt)
     with pytest.raises(KcompressError, match="settings differ"):
-        distill(teacher, 0.5, train, val, DistillOptions(epochs=3, alpha=0.9, verbose=0), checkpoint_dir=ckpt,
+        distill(teacher, 0.5, train, val, DistillOptions(epochs=3, alpha=0.9), verbose=0, checkpoint_dir=ckpt,
                 resume=True)
-    resumed = distill(teacher, 0.5, train, val, DistillOptions(epochs=3, verbose=0), checkpoint_dir=ckpt, resume=True)
+    resumed = distill(teacher, 0.5, train, val, DistillOptions(epochs=3), verbose=0, checkpoint_dir=ckpt, resume=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == first.history
     assert resumed.history[2]["accuracy"] > first.history[0]["accuracy"]  # it kept training from epoch 2
@@ -253,14 +247,18 @@ def test_cli_distills_end_to_end(teacher_file, tmp_path):
     out = str(tmp_path / "student.keras")
     args = ["--teacher", teacher_file, "--data", "digits:train", "--val-data", "digits:val", "--scale", "0.00392157",
             "--student-width", "0.5", "--epochs", "2", "--temperature-schedule", "linear:6:2", "-o", out]
-    r = _run(*args)
+    r = _run(*args, "--max-drop", "50")
     assert r.exit_code == 0, r.output
-    assert "teacher: " in r.output and "student: " in r.output and f"wrote {out}" in r.output
+    assert "teacher: " in r.output and "student: " in r.output and f"Wrote {out}" in r.output
     assert "best epoch" in r.output
     assert keras.models.load_model(out).output_shape == (None, 10)
     assert not os.path.exists(out + ".ckpt")
     again = _run(*args)
     assert again.exit_code == 1 and "--overwrite" in again.output
+    # two epochs leave the student far below the teacher: written, but the default --max-drop 3 makes it an error
+    gated = _run(*args, "--overwrite")
+    assert gated.exit_code == 1 and "points below the teacher on VAL, more than --max-drop 3.0" in gated.output
+    assert keras.models.load_model(out).output_shape == (None, 10)
 
 
 def test_cli_rejects_mismatched_students_and_bad_usage(teacher_file, tmp_path):
@@ -273,8 +271,8 @@ def test_cli_rejects_mismatched_students_and_bad_usage(teacher_file, tmp_path):
         r = _run("--teacher", teacher_file, "--data", "digits:train", "--student", path, "-o",
                  str(tmp_path / "s.keras"))
         assert r.exit_code == 1 and message in r.output, r.output
-    both = _run("--teacher", teacher_file, "--data", "digits", "--student", "x", "--student-width", "0.5")
-    assert both.exit_code == 2 and "exactly one" in both.output
+    width = _run("--teacher", teacher_file, "--data", "digits", "--student-width", "1.5")
+    assert width.exit_code == 2 and "--student-width: must be between 0 and 1" in width.output
     bad = _run("--teacher", teacher_file, "--data", "digits", "--student-width", "0.5", "--temperature-schedule",
                "linear:8")
     assert bad.exit_code == 2 and "temperature-schedule" in bad.output
@@ -289,7 +287,7 @@ def test_cli_help_has_an_example():
 
 
 def test_size_warnings():
-    from kcompress.distill import size_warnings
+    from kcompress.distillation.trainer import size_warnings
 
     assert "little compression" in size_warnings(1000, 600)[0]
     assert "accuracy floor" in size_warnings(1000, 30)[0]

@@ -1,6 +1,6 @@
 import numpy as np
 
-from kcompress.evaluate import compare, evaluate, metrics_from_outputs
+from kcompress.evaluation import compare, evaluate, metrics_from_outputs
 
 
 def test_metrics_against_hand_computed_values():
@@ -16,7 +16,7 @@ def test_metrics_against_hand_computed_values():
 
 
 def test_keras_and_fp32_tflite_agree(trained_cnn, digits_val):
-    from kcompress.convert import convert
+    from kcompress.quantization.ptq import convert
 
     a = evaluate(convert(trained_cnn), digits_val)
     b = evaluate(trained_cnn, digits_val)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from kcompress import keras3 as bridge
-from kcompress._keras import keras, tf
-from kcompress._keras import keras3 as _keras3
+from kcompress.backend import keras, tf
+from kcompress.backend import keras3 as _keras3
 from kcompress.errors import KcompressError
 
 k3 = _keras3()
@@ -189,7 +189,7 @@ def test_batchnorm_moving_statistics_are_copied(converted):
 
 
 def test_converted_model_takes_tfmot_pruning_and_quantization(converted):
-    from kcompress._keras import tfmot
+    from kcompress.backend import tfmot
 
     _, _, tfk_model = converted("residual_bn")
     x = sample_inputs("residual_bn", tfk_model)

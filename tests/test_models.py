@@ -3,9 +3,10 @@ import os
 import numpy as np
 import pytest
 
-from kcompress._keras import keras
+from kcompress.backend import keras
 from kcompress.errors import KcompressError
-from kcompress.models import count_macs, count_params, load_model, model_format, save_model
+from kcompress.io import load_model, model_format, save_model
+from kcompress.modelinfo import count_macs, count_params
 
 
 def test_macs_counted_by_hand():

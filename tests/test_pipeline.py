@@ -5,23 +5,24 @@ import os
 
 import pytest
 import yaml
-
 from conftest import run_cli
-from kcompress.config import config_from_dict
-from kcompress.convert import read_metadata
+
 from kcompress.errors import KcompressError
-from kcompress.pipeline import GateFailed, run_pipeline
+from kcompress.pipeline.config import config_from_dict
+from kcompress.pipeline.runner import GateFailed, execute
+from kcompress.quantization.metadata import read_metadata
 
 SCALE = 1 / 255
 
 
-def _cfg(cnn_path, **quantize):
+def _cfg(cnn_path, qat_epochs=None, **quantize):
     return config_from_dict({
         "name": "t", "model": {"path": cnn_path},
         "data": {"train": "digits:train", "val": "digits:val", "scale": SCALE},
         "baseline": {"batch_sizes": [1], "runs": 3},
         "quantize": {"qat": "never", "calibration_samples": 50, **quantize},
         "benchmark": {"threads": [1], "runs": 5, "warmup": 1},
+        **({"qat": {"epochs": qat_epochs}} if qat_epochs else {}),
     })
 
 
@@ -29,7 +30,7 @@ def _cfg(cnn_path, **quantize):
 def ptq_run(cnn_path, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("runs") / "ptq")
     logs = []
-    records = run_pipeline(_cfg(cnn_path), run_dir, log=logs.append)
+    records = execute(_cfg(cnn_path), run_dir, log=logs.append)
     return run_dir, records, logs
 
 
@@ -62,22 +63,22 @@ def test_final_tflite_carries_metadata(ptq_run):
 def test_resume_skips_finished_stages_and_reruns_changed_ones(ptq_run, cnn_path):
     run_dir, _, _ = ptq_run
     logs = []
-    run_pipeline(_cfg(cnn_path), run_dir, resume=True, log=logs.append)
+    execute(_cfg(cnn_path), run_dir, resume=True, log=logs.append)
     assert sum("finished earlier, skipped" in line for line in logs) == 3
     logs.clear()
-    run_pipeline(_cfg(cnn_path, calibration_samples=40), run_dir, resume=True, log=logs.append)
+    execute(_cfg(cnn_path, calibration_samples=40), run_dir, resume=True, log=logs.append)
     assert any(line.startswith("[baseline] finished earlier") for line in logs)
     assert any(line.startswith("[quantize] running") for line in logs)
     with pytest.raises(KcompressError, match="not empty; pass --resume"):
-        run_pipeline(_cfg(cnn_path), run_dir)
+        execute(_cfg(cnn_path), run_dir)
 
 
 def test_loosening_a_gate_and_resuming_does_not_redo_the_stage(cnn_path, tmp_path):
     run_dir = str(tmp_path / "gate")
     with pytest.raises(GateFailed):
-        run_pipeline(_cfg(cnn_path, max_drop=-100.0), run_dir, log=lambda m: None)
+        execute(_cfg(cnn_path, max_drop=-100.0), run_dir, log=lambda m: None)
     logs = []
-    run_pipeline(_cfg(cnn_path, max_drop=5.0), run_dir, resume=True, log=logs.append)
+    execute(_cfg(cnn_path, max_drop=5.0), run_dir, resume=True, log=logs.append)
     assert "[quantize] finished earlier, skipped" in logs
     assert any(line.startswith("[benchmark] running") for line in logs)
 
@@ -85,7 +86,7 @@ def test_loosening_a_gate_and_resuming_does_not_redo_the_stage(cnn_path, tmp_pat
 def test_gate_stops_the_run_naming_the_stage_and_keeps_artifacts(cnn_path, tmp_path):
     run_dir = str(tmp_path / "gated")
     with pytest.raises(GateFailed, match=r"stage quantize dropped accuracy by .* more than its max_drop -100"):
-        run_pipeline(_cfg(cnn_path, max_drop=-100.0), run_dir, log=lambda m: None)
+        execute(_cfg(cnn_path, max_drop=-100.0), run_dir, log=lambda m: None)
     assert os.path.exists(os.path.join(run_dir, "04-quantize", "model.tflite"))
     assert not os.path.exists(os.path.join(run_dir, "05-benchmark"))
 
@@ -138,7 +139,7 @@ def test_compare_and_recommend(cnn_path, ptq_run, tmp_path):
 
 def test_quantize_stage_runs_qat_and_keeps_the_better(cnn_path, tmp_path):
     logs = []
-    records = run_pipeline(_cfg(cnn_path, qat="always", qat_epochs=1), str(tmp_path / "qat"), log=logs.append)
+    records = execute(_cfg(cnn_path, qat="always", qat_epochs=1), str(tmp_path / "qat"), log=logs.append)
     q = records[1].metrics
     assert q["stage"] == "quantize" and "qat_accuracy" in q and "ptq_accuracy" in q
     assert q["method"] == ("qat" if q["qat_accuracy"] > q["ptq_accuracy"] else "ptq")

@@ -6,21 +6,15 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kcompress._keras import keras, tfmot
+from kcompress.backend import keras, tfmot
 from kcompress.cli import main
 from kcompress.data import Preprocess, open_data
-from kcompress.models import save_model
-from kcompress.quantize import (
-    MAX_INT8_RATIO,
-    QATOptions,
-    calibrate,
-    diverging_layers,
-    qat,
-    qat_model,
-    weight_sparsity,
-)
-from kcompress.runtime import TFLiteModel
-from kcompress.sensitivity import auto_float_layers, sensitivity
+from kcompress.io import save_model
+from kcompress.litert.interpreter import TFLiteModel
+from kcompress.options import QATOptions, QuantizeOptions
+from kcompress.quantization.qat import MAX_INT8_RATIO, diverging_layers, qat
+from kcompress.quantization.qat_graph import calibrate, qat_model, weight_sparsity
+from kcompress.quantization.sensitivity import auto_float_layers, sensitivity
 from kcompress.train import fit
 
 PRE = Preprocess(scale=1 / 255)
@@ -87,7 +81,7 @@ def _qat_one_step(build, tmp_path, size=64):
     # leaves float (int8_report flags them); at 64x64 every op is int8
     data = _random_images(tmp_path, size=size)
     model = build(weights=None, input_shape=(size, size, 3), classes=10)
-    res = qat(model, data, data, QATOptions(epochs=1, batch_size=32, calibration_samples=8),
+    res = qat(model, data, data, QATOptions(epochs=1, batch_size=32), QuantizeOptions(calibration_samples=8),
               ptq=False, bench=False, verbose=0, log=lambda s: None)  # fmt: skip
     out = TFLiteModel(res.tflite).predict(np.zeros((2, size, size, 3), np.float32))
     assert out.shape == (2, 10) and np.isfinite(out).all()

@@ -27,12 +27,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kcompress._keras import keras  # noqa: E402
-from kcompress.architectures import resnet_cifar  # noqa: E402
+from kcompress.backend import keras  # noqa: E402
 from kcompress.data import Preprocess, open_data  # noqa: E402
-from kcompress.evaluate import evaluate  # noqa: E402
-from kcompress.models import count_params  # noqa: E402
+from kcompress.evaluation import evaluate  # noqa: E402
+from kcompress.modelinfo import count_params  # noqa: E402
 from kcompress.train import fit  # noqa: E402
+from kcompress.zoo import resnet_cifar  # noqa: E402
 
 PRE = Preprocess(scale=1 / 255)
 
@@ -148,7 +148,9 @@ def main() -> None:
     if args.stage == "teacher":
         return
 
-    from kcompress.distill import DistillOptions, derive_student, distill
+    from kcompress.distillation.students import derive_student
+    from kcompress.distillation.trainer import distill
+    from kcompress.options import DistillOptions
 
     key = f"e{args.epochs}_w{args.width}_T{args.temperature}_a{args.alpha}_{args.schedule}"
     runs = results.setdefault(key, {})
@@ -168,10 +170,10 @@ def main() -> None:
         if f"distill{seed}" not in runs:
             student = keras.models.clone_model(init)
             student.set_weights(init_weights)
-            opts = DistillOptions(temperature=args.temperature, alpha=args.alpha, schedule=args.schedule,
-                                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, verbose=2,
+            opts = DistillOptions(temperature=args.temperature, alpha=args.alpha, temperature_schedule=args.schedule or "constant",
+                                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                   min_teacher_accuracy=args.min_teacher_accuracy)
-            res = distill(teacher, student, train, val, opts)
+            res = distill(teacher, student, train, val, opts, seed=seed, verbose=2)
             runs[f"distill{seed}"] = {"test": test_accuracy(res.student, test),
                                       "epoch_seconds": [h["seconds"] for h in res.history],
                                       "cache_seconds": res.cache_seconds, "best_epoch": res.best_epoch}
@@ -181,10 +183,10 @@ def main() -> None:
     if "uncached" not in runs:
         student = keras.models.clone_model(init)
         student.set_weights(init_weights)
-        opts = DistillOptions(temperature=args.temperature, alpha=args.alpha, schedule=args.schedule,
-                              epochs=args.cost_epochs, batch_size=args.batch_size, lr=args.lr, seed=0, verbose=2,
+        opts = DistillOptions(temperature=args.temperature, alpha=args.alpha, temperature_schedule=args.schedule or "constant",
+                              epochs=args.cost_epochs, batch_size=args.batch_size, lr=args.lr,
                               cache_teacher="off", min_teacher_accuracy=args.min_teacher_accuracy)
-        res = distill(teacher, student, train, val, opts)
+        res = distill(teacher, student, train, val, opts, seed=0, verbose=2)
         runs["uncached"] = {"epoch_seconds": [h["seconds"] for h in res.history]}
         save_results()
 

@@ -18,10 +18,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from kcompress.config import load_config  # noqa: E402
 from kcompress.errors import KcompressError  # noqa: E402
-from kcompress.pipeline import run_pipeline  # noqa: E402
-from kcompress.report import read_run, write_report  # noqa: E402
+from kcompress.pipeline.config import load_config  # noqa: E402
+from kcompress.pipeline.report import read_run, write_report  # noqa: E402
+from kcompress.pipeline.runner import execute  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     cfg, _ = load_config(args.config, overrides)
     t0 = time.time()
     try:
-        run_pipeline(cfg, args.out, resume=args.resume, log=lambda m: print(m, flush=True))
+        execute(cfg, args.out, resume=args.resume, log=lambda m: print(m, flush=True))
     except KcompressError as e:
         sys.exit(f"stopped: {e}\n(loosen the gate with e.g. distill.max_drop=5 max_drop=6 and --resume)")
     write_report([args.out])

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-import kcompress._keras  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
+import kcompress.backend  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS first)
 from kcompress.data import Preprocess, open_data  # noqa: E402
 
 
@@ -60,9 +60,9 @@ def prepare(args):
 
 
 def base_model(args, train, val):
-    from kcompress.architectures import resnet_cifar
-    from kcompress.models import load_model, save_model
+    from kcompress.io import load_model, save_model
     from kcompress.train import fit
+    from kcompress.zoo import resnet_cifar
 
     path = os.path.join(args.work, "base.keras")
     if os.path.exists(path):
@@ -76,10 +76,11 @@ def base_model(args, train, val):
 
 
 def measure(name, model, train, test, seconds=None):
-    from kcompress.benchmark import bench_tflite
-    from kcompress.convert import QuantizeOptions, convert
-    from kcompress.evaluate import evaluate
-    from kcompress.models import count_macs, count_params
+    from kcompress.bench.host import bench_tflite
+    from kcompress.evaluation import evaluate
+    from kcompress.modelinfo import count_macs, count_params
+    from kcompress.options import QuantizeOptions
+    from kcompress.quantization.ptq import convert
 
     row = {"model": name, "accuracy": evaluate(model, test, batch_size=256).accuracy,
            "params": count_params(model)["total"], "macs": count_macs(model), "seconds": seconds}
@@ -113,8 +114,9 @@ def table(rows) -> str:
 
 
 def run_all(args, model, train, val, test):
-    from kcompress.prune import MagnitudeOptions, prune_magnitude
-    from kcompress.prune_structured import StructuredOptions, prune_structured
+    from kcompress.options import PruneOptions
+    from kcompress.pruning.magnitude import prune_magnitude
+    from kcompress.pruning.structured import prune_structured
 
     out = os.path.join(args.work, "rows.json")
     rows = json.load(open(out)) if os.path.exists(out) else []
@@ -129,15 +131,15 @@ def run_all(args, model, train, val, test):
         keep(measure("base", model, train, test))
     structured = [
         (f"structured -{int(100 * f)}% FLOPs ({args.criterion})",
-         lambda f=f: prune_structured(model, train, val, StructuredOptions(
+         lambda f=f: prune_structured(model, train, val, PruneOptions(
              target_flops=f, criterion=args.criterion, epochs=args.ft_epochs, lr=1e-3, batch_size=128),
              verbose=2).model)
         for f in args.flops
     ]
     magnitude = [
         (f"magnitude {int(100 * s)}%",
-         lambda s=s: prune_magnitude(model, train, val, MagnitudeOptions(
-             sparsity=s, epochs=args.ft_epochs, lr=5e-4, batch_size=128), verbose=2).model)
+         lambda s=s: prune_magnitude(model, train, val, PruneOptions(
+             method="magnitude", sparsity=s, epochs=args.ft_epochs, lr=5e-4, batch_size=128), verbose=2).model)
         for s in args.sparsity
     ]
     variants = [v for pair in zip(structured, magnitude) for v in pair]  # the goals' rows first (defaults)

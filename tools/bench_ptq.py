@@ -17,13 +17,15 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from kcompress.architectures import mobilenetv2, resnet_cifar  # noqa: E402
-from kcompress.benchmark import bench_tflite  # noqa: E402
-from kcompress.convert import QuantizeOptions, convert  # noqa: E402
+from kcompress.bench.host import bench_tflite  # noqa: E402
 from kcompress.data import Preprocess, open_data  # noqa: E402
-from kcompress.evaluate import evaluate  # noqa: E402
-from kcompress.models import count_params, load_model, save_model  # noqa: E402
+from kcompress.evaluation import evaluate  # noqa: E402
+from kcompress.io import load_model, save_model  # noqa: E402
+from kcompress.modelinfo import count_params
+from kcompress.options import QuantizeOptions  # noqa: E402
+from kcompress.quantization.ptq import convert  # noqa: E402
 from kcompress.train import fit  # noqa: E402
+from kcompress.zoo import mobilenetv2, resnet_cifar  # noqa: E402
 
 MODES = ("fp32", "dynamic", "float16", "int8", "int16x8")
 

@@ -50,9 +50,9 @@ def prepare_data(args):
 
 
 def base_model(name: str, data, args):
-    from kcompress import architectures
-    from kcompress._keras import keras
-    from kcompress.models import load_model, save_model
+    from kcompress import zoo as architectures
+    from kcompress.backend import keras
+    from kcompress.io import load_model, save_model
     from kcompress.train import fit
 
     path = os.path.join(args.workdir, f"{name}_fp32.keras")
@@ -70,8 +70,8 @@ def base_model(name: str, data, args):
 
 
 def measure(name: str, tfl: bytes, test) -> dict:
-    from kcompress.benchmark import bench_tflite
-    from kcompress.evaluate import evaluate
+    from kcompress.bench.host import bench_tflite
+    from kcompress.evaluation import evaluate
 
     acc = evaluate(tfl, test, description=name).accuracy
     lat = bench_tflite(tfl, threads=1, batch_size=1, runs=100, warmup=10).latency_ms
@@ -79,10 +79,11 @@ def measure(name: str, tfl: bytes, test) -> dict:
 
 
 def run_model(name: str, data, args) -> list[dict]:
-    from kcompress.convert import QuantizeOptions, convert
-    from kcompress.models import input_shape
-    from kcompress.quantize import QATOptions, int8_report, qat
-    from kcompress.sensitivity import auto_float_layers
+    from kcompress.modelinfo import input_shape
+    from kcompress.options import QATOptions, QuantizeOptions
+    from kcompress.quantization.ptq import convert
+    from kcompress.quantization.qat import int8_report, qat
+    from kcompress.quantization.sensitivity import auto_float_layers
 
     model = base_model(name, data, args)
     if args.only_train:
@@ -124,8 +125,9 @@ def run_model(name: str, data, args) -> list[dict]:
 def control_rows(name, model, data, args) -> list[dict]:
     """fp32 fine-tuned exactly as QAT is (same epochs, lr, batch), and its PTQ int8: separates the gain of the
     extra training from the gain of QAT itself."""
-    from kcompress.convert import QuantizeOptions, convert
-    from kcompress.models import input_shape
+    from kcompress.modelinfo import input_shape
+    from kcompress.options import QuantizeOptions
+    from kcompress.quantization.ptq import convert
     from kcompress.train import fit
 
     shape = input_shape(model)

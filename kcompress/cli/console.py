@@ -1,0 +1,180 @@
+"""What every command shares: the console, the one table printer, number formats, "Wrote PATH", JSON output, and
+click options built from the options classes (so a flag's default and help are the option's own).
+
+Public within ``kcompress.cli``; imports neither TensorFlow nor rich at load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from enum import Enum
+from typing import Any, Iterable, Optional, Sequence
+
+import click
+
+from kcompress.errors import UsageError
+from kcompress.options import DataOptions, OptionError, doc
+
+__all__ = [
+    "console",
+    "print_table",
+    "print_json",
+    "wrote",
+    "mb",
+    "ms",
+    "pct",
+    "points",
+    "option",
+    "flag_name",
+    "build",
+    "preprocess_options",
+    "preprocess",
+    "int_list",
+    "default_out",
+]
+
+
+def console():
+    from rich.console import Console
+
+    # tables must not wrap into unreadable columns in logs and pipes
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+
+
+def print_table(title: Optional[str], headers: Sequence[str], rows: Iterable[Sequence[Any]], out=None) -> None:
+    """The one table printer: first column left, the rest right-aligned."""
+    from rich.table import Table
+
+    t = Table(title=title, show_lines=False)
+    for i, h in enumerate(headers):
+        t.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[str(c) for c in r])
+    (out or console()).print(t)
+
+
+def print_json(obj: Any) -> None:
+    """One JSON document on stdout (NaN as null, numpy as Python)."""
+    from kcompress.bench.schema import json_clean
+
+    click.echo(json.dumps(json_clean(obj), indent=2))
+
+
+def wrote(path: str, what: str = "", err: bool = False) -> None:
+    click.echo(f"Wrote {path}" + (f" ({what})" if what else ""), err=err)
+
+
+def mb(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f} ms"
+
+
+def pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def points(delta: Optional[float]) -> str:
+    """An accuracy change given as a fraction, in points."""
+    return "-" if delta is None else f"{100 * delta:+.2f} pts"
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _show(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value) if value else None
+    if isinstance(value, Enum):
+        return value.value
+    return str(value)
+
+
+def option(cls, name: str, *decls: str, **kw):
+    """A click option for field ``name`` of options class ``cls``: the field's default, doc and choices.
+
+    Tuples are comma-separated text on the command line; the command passes the text on and the options class
+    parses it. ``decls`` default to the field's flag (``--target-flops``).
+    """
+    f = _field(cls, name)
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    params: dict[str, Any] = {"help": doc(cls, name)[:1].upper() + doc(cls, name)[1:] + "."}
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        params["type"] = click.Choice([m.value for m in tp])
+    elif tp is int:
+        params["type"] = int
+    elif tp is float:
+        params["type"] = str  # fractions such as 1/255 are parsed by the options class
+    default = f.default if tp is int else _show(f.default)
+    if tp is bool:
+        params["is_flag"] = True
+        params["default"] = f.default
+    else:
+        params["default"] = default
+        params["show_default"] = default is not None
+    params.update(kw)
+    return click.option(*(decls or (flag_name(name),)), name, **params)
+
+
+def build(cls, flags: Optional[dict[str, str]] = None, **values):
+    """An options object from CLI values; a bad value is a usage error naming the flag (exit 2)."""
+    values = {k: v for k, v in values.items() if v is not None}
+    for k, v in list(values.items()):
+        tp = typing.get_type_hints(cls)[k]
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
+        if typing.get_origin(inner) is tuple and isinstance(v, str):
+            values[k] = tuple(s.strip() for s in v.split(",") if s.strip())
+            if typing.get_args(inner)[:1] == (int,):
+                values[k] = int_list(v, (flags or {}).get(k, flag_name(k)))
+    try:
+        return cls(**values)
+    except OptionError as e:
+        raise UsageError(f"{(flags or {}).get(e.key, flag_name(e.key))}: {e.detail}") from None
+
+
+def preprocess_options(fn):
+    """--scale/--offset/--mean/--std (the data section's keys), applied identically to Keras evaluation,
+    calibration and TFLite evaluation."""
+    for name in reversed(("scale", "offset", "mean", "std")):
+        fn = option(DataOptions, name)(fn)
+    return fn
+
+
+def preprocess(kw: dict):
+    """Pops the preprocessing values from a command's keyword arguments -> a Preprocess."""
+    opts = build(DataOptions, scale=kw.pop("scale"), offset=kw.pop("offset"), mean=kw.pop("mean"),
+                 std=kw.pop("std"))
+    return opts.preprocess()
+
+
+def int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{what}: expected comma-separated whole numbers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{what}: expected comma-separated numbers >= 1, got {text!r}")
+    return values
+
+
+def default_out(path: str, suffix: str) -> str:
+    """``model.keras`` + ``_int8.tflite`` -> ``model_int8.tflite`` (next to the input)."""
+    base = str(path).rstrip("/")
+    for ext in (".keras", ".h5", ".tflite"):
+        if base.endswith(ext):
+            base = base[: -len(ext)]
+    return base + suffix

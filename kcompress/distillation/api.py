@@ -1,0 +1,69 @@
+"""The Python API of distillation: :func:`distill` takes paths or objects and returns a
+:class:`~kcompress.distillation.trainer.DistillResult` with ``save()``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from typing import Callable, Optional
+
+from kcompress.errors import KcompressError
+from kcompress.inputs import as_data, as_model, preprocess_of, resolve_options
+from kcompress.options import DistillOptions
+
+__all__ = ["distill"]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def distill(teacher, train, val=None, *, student=None, options: Optional[DistillOptions] = None, preprocess=None,
+            seed: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
+            overwrite_checkpoints: bool = False, augment: Optional[Callable] = None, verbose: Optional[int] = None,
+            log: Callable[[str], None] = _quiet, **option_fields):
+    """Trains a smaller student to imitate ``teacher``; returns a DistillResult (``.student``, ``.save(path)``).
+
+    ``student``: a model or a path (fresh or pre-trained); None derives one from the teacher with
+    ``student_width`` (an option, 0.5 by default). Keywords are fields of
+    :class:`~kcompress.options.DistillOptions` (``temperature``, ``alpha``, ``epochs`` ...).
+    ``checkpoint_dir``: per-epoch checkpoints; ``resume`` continues from them, ``overwrite_checkpoints`` starts
+    over (otherwise an earlier run's checkpoints are an error). The result says whether the student stayed within
+    ``max_drop`` points of the teacher on VAL (``within_max_drop``); the CLI turns a miss into exit 1.
+    """
+    from kcompress.backend import keras
+    from kcompress.distillation.loss import check_compatible
+    from kcompress.distillation.students import derive_student
+    from kcompress.distillation.trainer import distill as run
+    from kcompress.distillation.trainer import size_warnings, weights_bytes
+    from kcompress.modelinfo import count_params
+
+    opts = resolve_options(DistillOptions, options, **option_fields)
+    preprocess = preprocess_of(train, preprocess)
+    t = as_model(teacher, stage="distill")
+    student = student if student is not None else opts.student
+    if student is not None:
+        student_model = as_model(student, stage="distill").model
+    else:
+        keras.utils.set_random_seed(seed)
+        student_model = derive_student(t.model, opts.student_width)
+    check_compatible(t.model, student_model)
+    tr = as_data(train, preprocess, "train")
+    va = as_data(val, preprocess, "val") if val is not None else None
+    if checkpoint_dir and not resume and os.path.exists(os.path.join(checkpoint_dir, "state.json")):
+        if not overwrite_checkpoints:
+            raise KcompressError(f"{checkpoint_dir} holds checkpoints of an earlier run; resume it or start over "
+                                 "(--resume or --overwrite)")
+        shutil.rmtree(checkpoint_dir)
+    t_bytes, s_bytes = weights_bytes(t.model), weights_bytes(student_model)
+    log(f"teacher: {count_params(t.model)['total']:,} params, {t_bytes / 1e6:.2f} MB")
+    log(f"student: {count_params(student_model)['total']:,} params, {s_bytes / 1e6:.2f} MB "
+        f"({100 * s_bytes / t_bytes:.1f}% of the teacher)")
+    for w in size_warnings(t_bytes, s_bytes):
+        log(f"warning: {w}")
+    if va is None:
+        log("note: no validation data; the teacher is checked and the best epoch chosen on the training data")
+    result = run(t.model, student_model, tr, va, opts, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+                 augment=augment, verbose=verbose)
+    return replace(result, keras3=t.keras3, checkpoint_dir=checkpoint_dir, max_drop=opts.max_drop)

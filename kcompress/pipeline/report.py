@@ -1,0 +1,240 @@
+"""Reports over one or more run folders: report.json, report.md and PNG plots.
+
+Plots: the Pareto frontier of accuracy against size and against latency over every stage of every run
+(``pareto_size.png``, ``pareto_latency.png``), per-class accuracy change from the baseline, most-hurt classes first
+(``per_class_delta.png``), and confidence histograms per stage (``confidence.png``). Agreement with the baseline's
+top-1 predictions comes from the stages' saved validation outputs. Device benchmark files
+(``kcompress device bench -o``) placed in a run folder as ``device*.json`` are listed next to the host numbers.
+No TensorFlow needed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from kcompress.bench.schema import json_clean, load_report
+from kcompress.errors import KcompressError
+from kcompress.evaluation import probabilities
+from kcompress.io import atomic_write_bytes
+
+__all__ = ["build_report", "write_report", "pareto_front", "read_run", "STAGE_DIRS"]
+
+STAGE_DIRS = {
+    "train": "00-train",
+    "baseline": "01-baseline",
+    "distill": "02-distill",
+    "prune": "03-prune",
+    "quantize": "04-quantize",
+    "benchmark": "05-benchmark",
+}
+
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated when smaller x and larger y are better, sorted by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -np.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
+    runs = []
+    for run_dir in run_dirs:
+        stages = read_run(run_dir)
+        base = next((s for s in stages if s["stage"] == "baseline"), stages[0])
+        rows = []
+        for s in stages:
+            if s["stage"] in ("benchmark", "train"):  # train's model is the baseline's
+                continue
+            m = s["metrics"]
+            row = {
+                "run": os.path.basename(os.path.normpath(run_dir)),
+                "stage": s["stage"],
+                "kind": m.get("kind"),
+                "accuracy": m["accuracy"],
+                "accuracy_delta_points": 100 * (m["accuracy"] - base["metrics"]["accuracy"]),
+                "size_bytes": m.get("tflite_bytes") or m.get("tflite_fp32_bytes") or m["size_bytes"],
+                "file_bytes": m["size_bytes"],
+                "params": m.get("params"),
+                "macs": m.get("macs"),
+                "latency_p50_ms": m.get("latency_p50_ms"),
+                "agreement_with_baseline": None,
+                "mean_confidence": m.get("mean_confidence"),
+                "method": m.get("method"),
+            }
+            if s["outputs"] is not None and base["outputs"] is not None and len(s["outputs"]) == len(base["outputs"]):
+                row["agreement_with_baseline"] = float(
+                    (s["outputs"].argmax(1) == base["outputs"].argmax(1)).mean()
+                )
+            per_class = m.get("per_class_accuracy", {})
+            base_pc = base["metrics"].get("per_class_accuracy", {})
+            row["per_class_delta_points"] = dict(
+                sorted(((k, 100 * (v - base_pc[k])) for k, v in per_class.items() if k in base_pc),
+                       key=lambda kv: kv[1])
+            )
+            rows.append(row)
+        bench = next((s["metrics"].get("bench") for s in stages if s["stage"] == "benchmark"), None)
+        devices = []
+        for path in sorted(glob.glob(os.path.join(run_dir, "device*.json"))):
+            try:
+                rep = load_report(path)
+            except (ValueError, KeyError, OSError):
+                continue
+            for r in rep.results:
+                devices.append({"file": os.path.basename(path), "device": rep.target.get("model"),
+                                "model": os.path.basename(r.model), "threads": r.threads, "delegate": r.delegate,
+                                "p50_ms": r.latency_ms.p50 if r.latency_ms else None,
+                                "mean_ms": r.latency_ms.mean if r.latency_ms else None})
+        runs.append({"run_dir": run_dir, "stages": rows, "host_benchmark": bench, "device_benchmark": devices,
+                     "_outputs": {s["stage"]: s["outputs"] for s in stages if s["outputs"] is not None}})
+    all_rows = [r for run in runs for r in run["stages"]]
+    for key, name in (("size_bytes", "pareto_size"), ("latency_p50_ms", "pareto_latency")):
+        pts = [(r[key] if r[key] is not None else np.inf, r["accuracy"]) for r in all_rows]
+        front = set(pareto_front(pts))
+        for i, r in enumerate(all_rows):
+            r[name] = i in front
+    return {"runs": runs}
+
+
+def _plots(report: dict, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    rows = [r for run in report["runs"] for r in run["stages"]]
+    for key, xlabel, fname in (("size_bytes", "size (kB, .tflite)", "pareto_size.png"),
+                               ("latency_p50_ms", "p50 latency (ms, 1 thread, batch 1)", "pareto_latency.png")):
+        pts = [(r[key], r["accuracy"]) for r in rows if r[key] is not None]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        scale = 1e3 if key == "size_bytes" else 1.0
+        for r in rows:
+            if r[key] is None:
+                continue
+            ax.scatter(r[key] / scale, 100 * r["accuracy"], s=40)
+            ax.annotate(f"{r['run']}:{r['stage']}" if len(report["runs"]) > 1 else r["stage"],
+                        (r[key] / scale, 100 * r["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        front = [pts[i] for i in pareto_front(pts)]
+        ax.plot([p[0] / scale for p in front], [100 * p[1] for p in front], "--", color="gray", label="Pareto front")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.legend(loc="lower right")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, fname), dpi=110)
+        plt.close(fig)
+        written.append(fname)
+    last = report["runs"][0]["stages"][-1]
+    if last["per_class_delta_points"]:
+        items = list(last["per_class_delta_points"].items())
+        fig, ax = plt.subplots(figsize=(6.5, 0.3 * len(items) + 1.2))
+        ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1],
+                color=["#c44" if v < 0 else "#4a4" for _, v in items][::-1])
+        ax.set_xlabel(f"accuracy change from baseline (points), stage {last['stage']}")
+        ax.axvline(0, color="black", lw=0.8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "per_class_delta.png"), dpi=110)
+        plt.close(fig)
+        written.append("per_class_delta.png")
+    outputs = report["runs"][0]["_outputs"]
+    if outputs:
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for stage, out in outputs.items():
+            ax.hist(probabilities(out).max(axis=1), bins=20, range=(0, 1), histtype="step", label=stage, lw=1.5)
+        ax.set_xlabel("top-1 confidence")
+        ax.set_ylabel("validation samples")
+        ax.legend(loc="upper left")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "confidence.png"), dpi=110)
+        plt.close(fig)
+        written.append("confidence.png")
+    return written
+
+
+def _markdown(report: dict, plots: list[str]) -> str:
+    lines = ["# kcompress report", ""]
+    for run in report["runs"]:
+        lines += [f"## {run['run_dir']}", "",
+                  "| stage | accuracy | Δ points | agreement | size | params | MACs | p50 latency | Pareto |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in run["stages"]:
+            agree = "-" if r["agreement_with_baseline"] is None else f"{100 * r['agreement_with_baseline']:.1f}%"
+            lat = "-" if r["latency_p50_ms"] is None else f"{r['latency_p50_ms']:.3f} ms"
+            pareto = "size" * r["pareto_size"] + (" + " if r["pareto_size"] and r["pareto_latency"] else "") + \
+                "latency" * r["pareto_latency"]
+            lines.append(
+                f"| {r['stage']}{' (' + r['method'] + ')' if r.get('method') else ''} | {100 * r['accuracy']:.2f}% | "
+                f"{r['accuracy_delta_points']:+.2f} | {agree} | {r['size_bytes'] / 1e3:.1f} kB | "
+                f"{r['params'] if r['params'] is not None else '-'} | {r['macs'] if r['macs'] is not None else '-'} | "
+                f"{lat} | {pareto or '-'} |"
+            )
+        last = run["stages"][-1]
+        hurt = list(last["per_class_delta_points"].items())[:5]
+        if hurt:
+            lines += ["", f"Most-hurt classes at the last stage ({last['stage']}): "
+                      + ", ".join(f"{k} {v:+.1f}" for k, v in hurt)]
+        if run["host_benchmark"]:
+            lines += ["", "Host benchmark of the final model:", "", "| threads | batch | p50 | p95 | throughput |",
+                      "|---|---|---|---|---|"]
+            for b in run["host_benchmark"]:
+                lines.append(f"| {b['threads']} | {b['batch_size']} | {b['p50_ms']:.3f} ms | {b['p95_ms']:.3f} ms | "
+                             f"{b['throughput_per_s']:.0f}/s |")
+        if run["device_benchmark"]:
+            lines += ["", "Device benchmarks:", "", "| device | model | threads | delegate | p50 |", "|---|---|---|---|---|"]
+            for d in run["device_benchmark"]:
+                p50 = "-" if d["p50_ms"] is None else f"{d['p50_ms']:.3f} ms"
+                lines.append(f"| {d['device']} | {d['model']} | {d['threads']} | {d['delegate']} | {p50} |")
+        lines.append("")
+    lines += [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dirs: Sequence[str], out_dir: Optional[str] = None, overwrite: bool = True) -> dict[str, str]:
+    """Writes report.json, report.md and the plots into ``out_dir`` (default: the first run folder)."""
+    if not run_dirs:
+        raise KcompressError("give at least one run folder")
+    out_dir = out_dir or run_dirs[0]
+    os.makedirs(out_dir, exist_ok=True)
+    report = build_report(run_dirs)
+    plots = _plots(report, out_dir)
+    clean = {"runs": [{k: v for k, v in run.items() if k != "_outputs"} for run in report["runs"]], "plots": plots}
+    paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
+    for key, text in (("json", json.dumps(json_clean(clean), indent=2)), ("md", _markdown(report, plots))):
+        atomic_write_bytes(paths[key], text.encode("utf-8"), overwrite=overwrite)
+    return {**paths, **{p: os.path.join(out_dir, p) for p in plots}}
+
+
+def read_run(run_dir: str) -> list[dict]:
+    """The finished stages of a run folder: ``[{"stage", "dir", "metrics", "outputs", "labels"}]`` in order."""
+    out = []
+    if not os.path.isdir(run_dir):
+        raise KcompressError(f"{run_dir}: no such run folder")
+    for stage, name in STAGE_DIRS.items():
+        sdir = os.path.join(run_dir, name)
+        mpath = os.path.join(sdir, "metrics.json")
+        if not os.path.exists(os.path.join(sdir, "stage.json")) or not os.path.exists(mpath):
+            continue
+        with open(mpath, encoding="utf-8") as f:
+            metrics = json.load(f)
+        entry = {"stage": stage, "dir": sdir, "metrics": metrics, "outputs": None, "labels": None}
+        opath = os.path.join(sdir, "outputs.npz")
+        if os.path.exists(opath):
+            with np.load(opath) as z:
+                entry["outputs"], entry["labels"] = z["outputs"], z["labels"]
+        out.append(entry)
+    if not out:
+        raise KcompressError(f"{run_dir}: no finished stages (not a kcompress run folder?)")
+    return out

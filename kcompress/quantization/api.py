@@ -1,0 +1,234 @@
+"""The Python API of quantization: :func:`quantize` (post-training), :func:`qat` and :func:`sensitivity`.
+
+Each takes what the CLI takes (paths, data specs) or loaded objects, and returns a frozen result whose fields hold
+everything the command prints. ``save(path, overwrite=False)`` writes the ``.tflite``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from kcompress.errors import UsageError
+from kcompress.inputs import as_data, as_model, describe, preprocess_of, resolve_options
+from kcompress.options import QATOptions, QuantizeOptions
+from kcompress.types import QuantMode
+
+__all__ = ["QuantizeResult", "SensitivityResult", "quantize", "qat", "sensitivity", "SLOWER_MARGIN"]
+
+SLOWER_MARGIN = 1.05  # a quantized model is called slower than fp32 when its p50 is this many times fp32's
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """Post-training quantization of one model, evaluated before (Keras or fp32) and after (the ``.tflite`` in
+    LiteRT) on the same data. Latencies are p50 at 1 thread, batch 1, on this host."""
+
+    tflite: bytes = field(repr=False)
+    fp32_tflite: bytes = field(repr=False)
+    options: QuantizeOptions  # as applied: float layers resolved to names
+    model: str
+    data: str
+    before: Any = field(repr=False)  # Evaluation of the source model (Keras, or its fp32 .tflite for exports)
+    after: Any = field(repr=False)  # Evaluation of the quantized .tflite
+    source_bytes: Optional[int]
+    latency_fp32_ms: float
+    latency_ms: float
+    float_layer_plan: Optional[dict] = None  # what float_layers auto chose and why
+
+    @property
+    def size_bytes(self) -> int:
+        return len(self.tflite)
+
+    @property
+    def fp32_size_bytes(self) -> int:
+        return len(self.fp32_tflite)
+
+    @property
+    def size_ratio(self) -> float:
+        """Quantized size over the fp32 ``.tflite``'s (0.26 = about 4x smaller)."""
+        return self.size_bytes / self.fp32_size_bytes
+
+    @property
+    def latency_ratio(self) -> float:
+        """fp32 p50 over the quantized p50: above 1 is a speed-up."""
+        return self.latency_fp32_ms / self.latency_ms
+
+    @property
+    def accuracy_delta(self) -> float:
+        """After minus before, as a fraction (-0.003 = 0.3 points lost)."""
+        return self.after.accuracy - self.before.accuracy
+
+    @property
+    def drop_points(self) -> float:
+        return -100 * self.accuracy_delta
+
+    @property
+    def within_max_drop(self) -> bool:
+        """The drop stayed within ``options.max_drop`` points (the CLI exits 1 otherwise)."""
+        return self.drop_points <= self.options.max_drop
+
+    @property
+    def slower(self) -> bool:
+        return self.latency_ms > self.latency_fp32_ms * SLOWER_MARGIN
+
+    @property
+    def hint(self) -> Optional[str]:
+        """Advice when the quantized model measured slower than fp32, else None."""
+        if not self.slower:
+            return None
+        mode = self.options.mode
+        return (f"{mode} measured {self.latency_ms / self.latency_fp32_ms:.2f}x SLOWER than fp32 here (1 thread, "
+                "batch 1). "
+                + ("Dynamic-range kernels quantize activations on the fly; try mode int8. "
+                   if mode == QuantMode.DYNAMIC else "")
+                + "Measure on the target device before choosing (kcompress device bench).")
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "data": self.data, "options": self.options.to_dict(),
+                "accuracy_before": self.before.accuracy, "accuracy_after": self.after.accuracy,
+                "accuracy_delta": self.accuracy_delta, "samples": self.after.metrics["num_samples"],
+                "source_bytes": self.source_bytes, "fp32_tflite_bytes": self.fp32_size_bytes,
+                "size_bytes": self.size_bytes, "size_ratio": self.size_ratio,
+                "latency_fp32_p50_ms": self.latency_fp32_ms, "latency_p50_ms": self.latency_ms,
+                "latency_ratio": self.latency_ratio, "hint": self.hint, "float_layer_plan": self.float_layer_plan}
+
+    def save(self, path: str, overwrite: bool = False) -> str:
+        from kcompress.io import atomic_write_bytes
+
+        atomic_write_bytes(path, self.tflite, overwrite=overwrite)
+        return path
+
+
+def quantize(model, data, mode: Optional[str] = None, *, val_data=None, options: Optional[QuantizeOptions] = None,
+             preprocess=None, limit: Optional[int] = None, seed: int = 0, log: Callable[[str], None] = _quiet,
+             **option_fields) -> QuantizeResult:
+    """Post-training quantization of ``model`` to a ``.tflite``, calibrated on ``data`` and checked in LiteRT.
+
+    ``model``: a path (Keras 2/3 file, SavedModel, or a Keras 3 ``model.export()`` folder) or a Keras model.
+    ``data``: calibration data (a spec or a DataSource); evaluation is on ``val_data`` when given, else on ``data``.
+    Settings come from ``options`` and/or keywords of :class:`~kcompress.options.QuantizeOptions` (``mode="int8"``,
+    ``float_layers=("auto",)``, ``max_drop=0.3`` ...). ``limit`` evaluates a subset only.
+    """
+    from kcompress.bench.host import bench_tflite
+    from kcompress.data import check_fits
+    from kcompress.evaluation import evaluate
+    from kcompress.io import model_format, path_size
+    from kcompress.litert.interpreter import TFLiteModel
+    from kcompress.modelinfo import input_shape, num_classes
+    from kcompress.quantization.ptq import convert, resolve_float_layers
+
+    opts = resolve_options(QuantizeOptions, options, mode=mode, **option_fields)
+    preprocess = preprocess_of(data, preprocess)
+    if opts.mode == QuantMode.FP32:
+        raise UsageError("mode fp32 is no quantization; choose dynamic, float16, int8 or int16x8")
+    path = str(model) if isinstance(model, str) else None
+    exported = path is not None and model_format(path) == "exported"  # the converter reads the folder itself
+    if exported:
+        if opts.float_layers:
+            raise UsageError("float_layers needs the Keras model (layer names); an exported SavedModel has none")
+        source, fp32 = path, convert(path)
+        reference = TFLiteModel(fp32)
+        shape, classes = reference.input_shape, int(reference.output["shape"][-1])
+    else:
+        source = as_model(model, stage="quantize").model
+        shape, classes = input_shape(source), num_classes(source)
+        fp32 = None
+    src = as_data(data, preprocess)
+    val = as_data(val_data, preprocess, "val_data") if val_data is not None else src
+    check_fits(src, shape, classes)
+    check_fits(val, shape, classes)
+    plan = None
+    if opts.auto_float_layers:
+        from kcompress.quantization.sensitivity import auto_float_layers
+
+        log(f"Choosing float layers so the drop stays within {opts.max_drop} points ...")
+        names, plan = auto_float_layers(source, calibration_data=src, val_data=val, max_drop=opts.max_drop,
+                                        calibration_samples=opts.calibration_samples, per_channel=opts.per_channel,
+                                        io=opts.io, log=log)
+        opts = opts.replace(float_layers=tuple(names))
+    elif opts.float_layers:
+        opts = opts.replace(float_layers=resolve_float_layers(source, opts.float_layers))
+    log(f"Converting {describe(model)} ({opts.mode}, {'per-channel' if opts.per_channel else 'per-tensor'} "
+        "weights) ...")
+    fp32 = fp32 or convert(source)
+    quant = convert(source, opts, calibration=lambda: src.calibration_samples(shape, opts.calibration_samples,
+                                                                                seed=seed))
+    before = evaluate(fp32 if exported else source, val, limit=limit,
+                      description="evaluating fp32" if exported else "evaluating keras")
+    after = evaluate(quant, val, limit=limit, description="evaluating tflite")
+    lat_fp32 = bench_tflite(fp32, threads=1, runs=50, warmup=10).latency_ms.p50
+    lat_q = bench_tflite(quant, threads=1, runs=50, warmup=10).latency_ms.p50
+    return QuantizeResult(tflite=quant, fp32_tflite=fp32, options=opts, model=describe(model), data=val.name,
+                          before=before, after=after, source_bytes=path_size(path) if path else None,
+                          latency_fp32_ms=lat_fp32, latency_ms=lat_q, float_layer_plan=plan)
+
+
+def qat(model, data, *, val_data=None, options: Optional[QATOptions] = None,
+        quantize: Optional[QuantizeOptions] = None, preprocess=None, seed: int = 0, bench: bool = True,
+        log: Callable[[str], None] = _quiet, **option_fields):
+    """Quantization-aware training of ``model`` on ``data``, exported to int8 and compared with fp32 and PTQ int8
+    on ``val_data`` (default: ``data``). Returns :class:`~kcompress.quantization.qat.QATResult`.
+
+    Keywords are fields of :class:`~kcompress.options.QATOptions` (``epochs``, ``lr``, ...); the int8 settings
+    (``per_channel``, ``io``, ``float_layers`` including ``("auto",)``, ``max_drop``) come from ``quantize``.
+    """
+    from kcompress.quantization.ptq import resolve_float_layers
+    from kcompress.quantization.qat import qat as run_qat
+
+    opts = resolve_options(QATOptions, options, **option_fields)
+    preprocess = preprocess_of(data, preprocess)
+    q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8)
+    m = as_model(model, stage="qat").model
+    train = as_data(data, preprocess)
+    val = as_data(val_data, preprocess, "val_data") if val_data is not None else None
+    plan = None
+    if q.auto_float_layers:
+        from kcompress.quantization.sensitivity import auto_float_layers
+
+        log(f"choosing float layers (max drop {q.max_drop} points on VAL) ...")
+        names, plan = auto_float_layers(m, train, val or train, max_drop=q.max_drop,
+                                        calibration_samples=q.calibration_samples, per_channel=q.per_channel,
+                                        io=q.io_type, log=log)
+        q = q.replace(float_layers=tuple(names))
+    elif q.float_layers:
+        q = q.replace(float_layers=resolve_float_layers(m, q.float_layers))
+    result = run_qat(m, train, val, opts, q, seed=seed, bench=bench, log=log)
+    if plan is not None:
+        result.info["float_layer_plan"] = plan
+    return result
+
+
+@dataclass(frozen=True)
+class SensitivityResult:
+    """Per-layer int8 sensitivity, most sensitive (lowest output SQNR) first."""
+
+    model: str
+    data: str
+    samples: int
+    layers: tuple  # dicts: rank, layer, type, params, sqnr_db, accuracy_delta, float_cost_bytes
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "data": self.data, "samples": self.samples, "layers": list(self.layers)}
+
+    def save(self, path: str, overwrite: bool = False) -> str:
+        from kcompress.io import write_json
+
+        write_json(path, self.to_dict(), overwrite=overwrite)
+        return path
+
+
+def sensitivity(model, data, *, samples: int = 256, preprocess=None,
+                log: Callable[[str], None] = _quiet) -> SensitivityResult:
+    """Quantizes one layer at a time to int8 and ranks the layers by the model's output SQNR (lowest first)."""
+    from kcompress.quantization.sensitivity import sensitivity as run
+
+    if samples < 1:
+        raise UsageError("samples must be at least 1")
+    src = as_data(data, preprocess)
+    rows = run(as_model(model, stage="sensitivity").model, src, samples=samples, log=log)
+    return SensitivityResult(describe(model), src.name, samples, tuple(rows))

@@ -1,0 +1,178 @@
+"""TFLite conversion and post-training quantization through the TFLite converter.
+
+Modes (what the converter is asked for):
+- ``fp32``: no optimization (the reference);
+- ``dynamic``: int8 weights, float activations, quantized on the fly at run time (often SLOWER than fp32 on
+  XNNPACK for conv nets; measured and hinted by ``kcompress quantize``);
+- ``float16``: float16 weights (for GPU delegates);
+- ``int8``: full integer with a representative dataset; per-channel weights unless ``per_channel=False``;
+- ``int16x8``: int16 activations, int8 weights (accuracy-sensitive models; few CPU kernels are fast at it).
+
+``float_layers`` keeps named Keras layers in float inside an int8 model (selective quantization) by denylisting
+their ops in the converter's QuantizationDebugger. Every flatbuffer this module returns has been loaded and invoked
+once in the LiteRT interpreter: a file that does not run is an error, never an output.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Callable, Iterable, Optional
+
+import numpy as np
+
+from kcompress.backend import tf
+from kcompress.errors import KcompressError, UsageError
+from kcompress.litert.interpreter import TFLiteModel
+from kcompress.options import QuantizeOptions
+from kcompress.types import IOType, QuantMode
+
+__all__ = [
+    "MODES",
+    "IO_TYPES",
+    "convert",
+    "resolve_float_layers",
+    "smoke_test",
+]
+
+MODES = QuantMode.values()
+IO_TYPES = IOType.values()
+
+
+def _keras_layers(model) -> list:
+    from kcompress.modelinfo import flat_layers
+
+    return [layer for layer in flat_layers(model) if layer.weights or layer.__class__.__name__ != "InputLayer"]
+
+
+def resolve_float_layers(model, names: Iterable[str]) -> tuple[str, ...]:
+    """Expands ``first``/``last`` (the first/last layer with weights) and checks every name exists."""
+    weighted = [layer.name for layer in _keras_layers(model) if layer.weights]
+    all_names = {layer.name for layer in _keras_layers(model)}
+    out = []
+    for name in names:
+        if name == "first":
+            out.append(weighted[0])
+        elif name == "last":
+            out.append(weighted[-1])
+        elif name in all_names:
+            out.append(name)
+        else:
+            import difflib
+
+            near = difflib.get_close_matches(name, sorted(all_names), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise UsageError(f"--float-layers: the model has no layer {name!r}{hint}")
+    return tuple(dict.fromkeys(out))
+
+
+def _converter(model):
+    if isinstance(model, str):  # a SavedModel directory (e.g. a Keras 3 export)
+        return tf.lite.TFLiteConverter.from_saved_model(model)
+    from kcompress.io import ensure_tf_keras
+
+    return tf.lite.TFLiteConverter.from_keras_model(ensure_tf_keras(model))
+
+
+def _representative(samples: Callable[[], Iterable[np.ndarray]]):
+    def gen():
+        for x in samples():
+            yield [np.asarray(x, np.float32)]
+
+    return gen
+
+
+_TF_IO = {"int8": "int8", "uint8": "uint8", "float": "float32"}
+
+
+def convert(
+    model,
+    options: Optional[QuantizeOptions] = None,
+    calibration: Optional[Callable[[], Iterable[np.ndarray]]] = None,
+) -> bytes:
+    """The model (tf_keras model, or a SavedModel path) as ``.tflite`` bytes, smoke-tested in the interpreter.
+
+    ``calibration`` returns a fresh iterable of single-sample batches each time it is called (the converter may
+    iterate more than once); required for ``int8`` and ``int16x8``.
+    """
+    options = options or QuantizeOptions(mode=QuantMode.FP32)
+    mode = options.mode
+    conv = _converter(model)
+    if mode != "fp32":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "float16":
+        conv.target_spec.supported_types = [tf.float16]
+    if mode in ("int8", "int16x8"):
+        if calibration is None:
+            raise UsageError(f"mode {mode} needs calibration data (--data)")
+        conv.representative_dataset = _representative(calibration)
+        if not options.per_channel:
+            conv._experimental_disable_per_channel = True
+    if mode == "int16x8":
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+    if mode == "int8":
+        if options.float_layers:
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        else:
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        io = getattr(tf, _TF_IO[options.io_type])
+        conv.inference_input_type = io
+        conv.inference_output_type = io
+    elif options.float_layers:
+        raise UsageError("--float-layers applies to --mode int8 only")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
+            warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+            data = _selective(conv, options, calibration) if mode == "int8" and options.float_layers else conv.convert()
+    except KcompressError:
+        raise
+    except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KcompressError(f"the TFLite converter failed ({mode}): {first[:400]}") from None
+    smoke_test(data)
+    return data
+
+
+def _selective(conv, options: QuantizeOptions, calibration) -> bytes:
+    """Full int8 except the ops of ``options.float_layers``, through the QuantizationDebugger's denylist."""
+    debug_dataset = _representative(calibration)
+    debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=debug_dataset)
+    names = _denylist_nodes(debugger, options.float_layers)
+    if not names:
+        raise KcompressError(f"--float-layers: no quantized ops found for {', '.join(options.float_layers)}")
+    debug_options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=names)
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=conv, debug_dataset=debug_dataset, debug_options=debug_options
+    )
+    return debugger.get_nondebug_quantized_model()
+
+
+def _denylist_nodes(debugger, layers: tuple[str, ...]) -> list[str]:
+    """Tensor names of the quantized model's ops that belong to the given Keras layers.
+
+    The converter names op outputs after the Keras layer path (``model/conv2d/BiasAdd;...``); a layer owns an
+    op when ``/<layer>/`` (or ``/<layer>;`` / a trailing ``/<layer>``) occurs in the op's output name.
+    """
+    interp = debugger._quant_interpreter
+    names = []
+    pats = [re.compile(rf"(^|/){re.escape(layer)}(/|;|$)") for layer in layers]
+    for op in interp._get_ops_details():
+        for idx in op["outputs"]:
+            tname = interp.get_tensor_details()[idx]["name"] if idx >= 0 else ""
+            if any(p.search(part) for p in pats for part in tname.split(";")):
+                names.append(tname)
+    return sorted(set(names))
+
+
+def smoke_test(data: bytes) -> None:
+    """Loads the flatbuffer and runs it once on zeros; raises a KcompressError when it does not run."""
+    try:
+        m = TFLiteModel(data)
+        x = np.zeros((1, *m.input_shape), np.float32)
+        m.predict(x)
+    except KcompressError as e:
+        raise KcompressError(f"the converted model does not run in the LiteRT interpreter: {e}") from None
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KcompressError(f"the converted model does not run in the LiteRT interpreter: {first}") from None

@@ -1,0 +1,317 @@
+"""The QAT model: nested models flattened, the layers tfmot knows annotated, ``quantize_apply`` in scope.
+
+See :mod:`kcompress.quantization.qat` for the whole flow.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import numpy as np
+
+from kcompress.backend import keras, tf, tfmot
+from kcompress.data import DataSource
+from kcompress.errors import KcompressError, UsageError
+
+__all__ = ["SPARSE_THRESHOLD", "flatten_model", "weight_sparsity", "tflite_weight_sparsity", "qat_model", "calibrate",
+           "layer_table", "is_nested"]
+
+SPARSE_THRESHOLD = 0.2  # fraction of exactly-zero kernel weights from which a model counts as pruned
+
+L = keras.layers
+
+# --------------------------------------------------------------------------------------------------- graph
+
+
+def is_nested(model) -> bool:
+    return any(isinstance(layer, keras.Model) for layer in model.layers)
+
+
+def flatten_model(model):
+    """The same network as one flat functional model (nested models inlined); the trained layers are reused.
+
+    Returns ``model`` itself when nothing is nested. Subclassed models (no layer graph) cannot be flattened.
+    """
+    if not is_nested(model):
+        return model
+    if not getattr(model, "_is_graph_network", False) and not isinstance(model, keras.Sequential):
+        raise KcompressError(f"model {model.name!r} is a subclassed model; QAT needs a functional or Sequential model")
+
+    def call(layer, args, kwargs):
+        if isinstance(layer, keras.Model):
+            outs = run(layer, tf.nest.flatten((args, kwargs)))
+            return outs[0] if len(outs) == 1 else outs
+        return layer(*args, **kwargs)
+
+    def run(m, inputs):
+        if not getattr(m, "_is_graph_network", False):
+            if not isinstance(m, keras.Sequential):
+                raise KcompressError(f"nested model {m.name!r} is subclassed; QAT cannot see inside it")
+            x = inputs[0]
+            for layer in m.layers:
+                x = call(layer, (x,), {})
+            return [x]
+        tensors: dict[str, list] = {}
+        for x, y in zip(m.inputs, inputs):
+            key = str(id(x))
+            tensors[key] = [y] * m._tensor_usage_count[key]
+        for depth in sorted(m._nodes_by_depth.keys(), reverse=True):
+            for node in m._nodes_by_depth[depth]:
+                if node.is_input or any(t not in tensors for t in node.flat_input_ids):
+                    continue
+                args, kwargs = node.map_arguments(tensors)
+                outs = call(node.layer, args, kwargs)
+                for key, y in zip(node.flat_output_ids, tf.nest.flatten(outs)):
+                    tensors[key] = [y] * m._tensor_usage_count[key]
+        return [tensors[str(id(x))].pop() for x in m.outputs]
+
+    inputs = [L.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name.split(":")[0]) for x in model.inputs]
+    try:
+        outputs = run(model, inputs)
+        return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
+    except ValueError as e:  # e.g. two nested models with layers of the same name
+        raise KcompressError(f"cannot flatten the nested model {model.name!r}: {str(e).splitlines()[0]}") from None
+
+
+def _kernels(model) -> list[np.ndarray]:
+    out = []
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)  # QAT wrappers
+        for w in inner.weights:
+            name = w.name.split("/")[-1]
+            if w.shape.rank is not None and w.shape.rank >= 2 and ("kernel" in name):
+                out.append(np.asarray(w.numpy()))
+    return out
+
+
+def weight_sparsity(model) -> float:
+    """Fraction of exactly-zero weights over all conv/dense kernels (0 when the model has none)."""
+    ks = _kernels(model)
+    total = sum(k.size for k in ks)
+    return float(sum(int(np.sum(k == 0)) for k in ks) / total) if total else 0.0
+
+
+def tflite_weight_sparsity(tflite: bytes) -> float:
+    """Fraction of exactly-zero weights over the conv/dense weight tensors of a ``.tflite`` (int8 or float)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_content=bytes(tflite))
+    zeros = total = 0
+    for op in interp._get_ops_details():
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op["inputs"]) < 2:
+            continue
+        try:
+            w = interp.get_tensor(int(op["inputs"][1]))
+        except ValueError:  # not a constant
+            continue
+        zeros += int(np.sum(w == 0))
+        total += int(w.size)
+    return zeros / total if total else 0.0
+
+
+def _registry():
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_registry as reg,
+    )
+
+    return reg.Default8BitQuantizeRegistry()
+
+
+def quantizable_layers(model) -> list[str]:
+    """Names of the (flat) model's layers that tfmot's default 8-bit registry can quantize."""
+    reg = _registry()
+    return [layer.name for layer in model.layers if _supported(reg, layer)]
+
+
+def _supported(reg, layer) -> bool:
+    if isinstance(layer, (L.InputLayer, keras.Model)):
+        return False
+    try:
+        return bool(reg.supports(layer))
+    except Exception:  # noqa: BLE001 - a registry that cannot judge a layer means "no"
+        return False
+
+
+def _bn_after_conv(model, reg, float_layers) -> set[str]:
+    """BatchNormalization layers fed by a single quantizable Conv2D/DepthwiseConv2D (tfmot folds these)."""
+    out = set()
+    for layer in model.layers:
+        if not isinstance(layer, L.BatchNormalization) or layer.name in float_layers:
+            continue
+        nodes = layer._inbound_nodes
+        if len(nodes) != 1:
+            continue
+        prev = tf.nest.flatten(nodes[0].inbound_layers)
+        if (
+            len(prev) == 1
+            and isinstance(prev[0], (L.Conv2D, L.DepthwiseConv2D))
+            and not isinstance(prev[0], L.Conv2DTranspose)
+            and prev[0].name not in float_layers
+            and _supported(reg, prev[0])
+            and len(prev[0]._outbound_nodes) == 1
+        ):
+            out.add(layer.name)
+    return out
+
+
+def _per_tensor_config(layer):
+    """tfmot config with per-tensor weights for convs (the default 8-bit scheme is per-channel)."""
+    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+        default_8bit_quantize_configs as cfgs,
+    )
+
+    if isinstance(layer, L.DepthwiseConv2D):
+        return cfgs.Default8BitQuantizeConfig(["depthwise_kernel"], ["activation"], False)
+    if isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
+        return cfgs.Default8BitQuantizeConfig(["kernel"], ["activation"], False)
+    return None
+
+
+def _custom_objects(model) -> dict:
+    objs = {}
+    for layer in model.layers:
+        objs[layer.__class__.__name__] = layer.__class__
+    return objs
+
+
+def qat_model(
+    model,
+    float_layers: tuple[str, ...] = (),
+    per_channel: bool = True,
+    preserve_sparsity: Optional[bool] = None,
+):
+    """``(qat_model, info)``: the float model wrapped for QAT, with fake-quant ops where tfmot supports them.
+
+    ``info`` holds ``flattened``, ``annotated``, ``left_float``, ``scheme`` and ``sparsity_before``.
+    The input model is not changed (tfmot clones it with its weights).
+    """
+    Q = tfmot().quantization.keras
+    flat = flatten_model(model)
+    names = {layer.name for layer in flat.layers}
+    unknown = [n for n in float_layers if n not in names]
+    if unknown:
+        raise UsageError(f"--float-layers: the model has no layer {unknown[0]!r}")
+    reg = _registry()
+    annotated, left_float = [], []
+
+    after_conv = _bn_after_conv(flat, reg, float_layers)
+
+    def annotate(layer):
+        if isinstance(layer, L.InputLayer):
+            return layer
+        if layer.name not in float_layers and (_supported(reg, layer) or layer.name in after_conv):
+            annotated.append(layer.name)
+            config = None if per_channel else _per_tensor_config(layer)
+            return Q.quantize_annotate_layer(layer, quantize_config=config)
+        left_float.append(layer.name)
+        return layer
+
+    sparsity = weight_sparsity(flat)
+    if preserve_sparsity is None:
+        preserve_sparsity = sparsity >= SPARSE_THRESHOLD
+    scheme_name = "Default8BitPrunePreserveQuantizeScheme" if preserve_sparsity else "Default8BitQuantizeScheme"
+    info = {
+        "flattened": flat is not model,
+        "annotated": annotated,
+        "left_float": left_float,
+        "scheme": scheme_name,
+        "sparsity_before": sparsity,
+        "per_channel": per_channel,
+    }
+    if not any(_supported(reg, layer) and layer.name not in float_layers for layer in flat.layers):
+        raise KcompressError("no layer of this model can be quantized by tfmot (no Conv/Dense/... layers)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            annotated_model = keras.models.clone_model(flat, clone_function=annotate)
+            if preserve_sparsity:
+                scheme = tfmot().experimental.combine.Default8BitPrunePreserveQuantizeScheme()
+            else:
+                scheme = Q.default_8bit.Default8BitQuantizeScheme()
+            with Q.quantize_scope(_custom_objects(flat)):
+                q = Q.quantize_apply(annotated_model, scheme)
+    except KcompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tfmot raises ValueError/TypeError/RuntimeError; never show them raw
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KcompressError(f"tfmot could not build the QAT model ({type(e).__name__}: {first[:300]})") from None
+    return q, info
+
+
+def calibrate(qmodel, data: DataSource, samples: int = 256, batch_size: Optional[int] = None) -> None:
+    """Sets the QAT model's quantizer ranges from data, changing nothing else.
+
+    tfmot starts every activation range at [-6, 6] and moves it by an EMA with decay 0.999 per training step,
+    and weight ranges are only set by a training step: a fresh QAT model is far from the float model, and short
+    fine-tunes never recover. Here a few forward passes in training mode average the batch ranges exactly (the
+    EMA decay is set to k/(k+1) for batch k; one batch of ``samples`` when the inputs are small), then every
+    non-quantizer variable (BatchNorm statistics, ...) is restored.
+    """
+    from tensorflow_model_optimization.python.core.quantization.keras import quantizers
+
+    from kcompress.modelinfo import input_shape
+
+    keep = []
+    for layer in qmodel.layers:
+        inner = getattr(layer, "layer", None)
+        keep.extend(inner.weights if inner is not None else layer.weights if not _is_quant_layer(layer) else [])
+    saved = [(v, v.numpy()) for v in keep]
+    if batch_size is None:  # one batch when it fits in memory: its min/max are the exact calibration ranges
+        batch_size = int(min(samples, max(8, 2_000_000 // max(1, int(np.prod(input_shape(qmodel)))))))
+    original = quantizers.quant_ops.MovingAvgQuantize
+    step = {"k": 0}
+
+    def averaged(*args, **kwargs):
+        kwargs["ema_decay"] = step["k"] / (step["k"] + 1.0)
+        return original(*args, **kwargs)
+
+    quantizers.quant_ops.MovingAvgQuantize = averaged
+    try:
+        for x, _ in data.numpy_batches(input_shape(qmodel), batch_size=batch_size, limit=samples):
+            qmodel(tf.constant(x), training=True)
+            step["k"] += 1
+    finally:
+        quantizers.quant_ops.MovingAvgQuantize = original
+        for v, value in saved:
+            v.assign(value)
+
+
+def _is_quant_layer(layer) -> bool:
+    return layer.__class__.__name__ == "QuantizeLayer"
+
+
+def layer_table(qmodel, info: dict) -> list[dict]:
+    """One row per layer of the QAT model: ``{"layer", "type", "how"}``."""
+    rows = []
+    float_set = set(info.get("float_layers", ()))
+    for layer in qmodel.layers:
+        inner = getattr(layer, "layer", None)
+        cls = layer.__class__.__name__
+        if cls == "QuantizeLayer":
+            rows.append({"layer": layer.name, "type": cls, "how": "int8 input quantizer"})
+            continue
+        if isinstance(layer, L.InputLayer):
+            continue
+        if inner is not None and cls.startswith("QuantizeWrapper"):
+            cfg = layer.quantize_config.__class__.__name__
+            typ = inner.__class__.__name__
+            if "NoOp" in cfg:
+                how = "int8, fused with the next layer (e.g. BN folded)"
+            elif "Output" in cfg:
+                how = "int8 output only"
+            elif typ in ("Conv2D", "DepthwiseConv2D", "Dense", "SeparableConv2D", "Conv2DTranspose"):
+                how = "int8 weights" + (" per-channel" if "Conv" in cfg and info.get("per_channel") else "") + " + act"
+            else:
+                how = "int8 (QAT)"
+            if typ == "BatchNormalization":
+                how = "folded into the conv before it (int8 output)"
+            rows.append({"layer": inner.name, "type": typ, "how": how})
+        elif layer.name in float_set:
+            rows.append({"layer": layer.name, "type": cls, "how": "float (kept float on request)"})
+        else:
+            rows.append({"layer": layer.name, "type": cls, "how": "no fake-quant; converter int8 (PTQ)"})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- export

@@ -1,0 +1,115 @@
+"""The enums of kcompress's settings: every mode, method, criterion and target a user can name.
+
+Each is a ``str`` enum, so ``QuantMode.INT8 == "int8"`` holds, YAML and JSON see plain strings, and ``str()`` /
+f-strings give the value (``"int8"``), not ``"QuantMode.INT8"``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = [
+    "StrEnum",
+    "QuantMode",
+    "IOType",
+    "QATPolicy",
+    "PruneMethod",
+    "Criterion",
+    "PruneSchedule",
+    "CacheTeacher",
+    "Target",
+    "Architecture",
+    "Delegate",
+]
+
+
+class StrEnum(str, Enum):
+    """A str enum whose ``str()`` and ``format()`` are the value (as ``enum.StrEnum`` in Python 3.11+)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(m.value for m in cls)
+
+
+class QuantMode(StrEnum):
+    """What the TFLite converter is asked for. ``fp32`` is no quantization (the reference)."""
+
+    FP32 = "fp32"
+    DYNAMIC = "dynamic"  # int8 weights, float activations quantized on the fly
+    FLOAT16 = "float16"  # float16 weights (GPU delegates)
+    INT8 = "int8"  # full integer, calibrated on representative samples
+    INT16X8 = "int16x8"  # int16 activations, int8 weights
+
+
+class IOType(StrEnum):
+    """Input/output tensor type of a full-integer model."""
+
+    INT8 = "int8"
+    UINT8 = "uint8"
+    FLOAT = "float"
+
+
+class QATPolicy(StrEnum):
+    """When the pipeline's quantize stage runs quantization-aware training."""
+
+    AUTO = "auto"  # only when post-training int8 misses the stage's max_drop; the better on VAL is kept
+    NEVER = "never"
+    ALWAYS = "always"
+
+
+class PruneMethod(StrEnum):
+    STRUCTURED = "structured"  # removes whole channels: a smaller, faster dense model
+    MAGNITUDE = "magnitude"  # sparse weights (tfmot): smaller after compression, same latency
+
+
+class Criterion(StrEnum):
+    """Channel importance for structured pruning."""
+
+    L1 = "l1"
+    L2 = "l2"
+    BN = "bn"  # |gamma| of the BatchNormalization after the conv
+    TAYLOR = "taylor"  # |activation x gradient|, from a few training batches
+
+
+class PruneSchedule(StrEnum):
+    POLYNOMIAL = "polynomial"
+    CONSTANT = "constant"
+
+
+class CacheTeacher(StrEnum):
+    """Where distillation keeps the teacher's outputs."""
+
+    AUTO = "auto"  # memory or disk by size
+    MEMORY = "memory"
+    DISK = "disk"
+    OFF = "off"  # the teacher runs every step
+
+
+class Target(StrEnum):
+    """Deployment targets ``recommend`` plans for."""
+
+    MOBILE_CPU = "mobile-cpu"
+    MOBILE_GPU = "mobile-gpu"
+    EDGE_TPU = "edge-tpu"
+    MCU = "mcu"
+    SERVER_CPU = "server-cpu"
+
+
+class Architecture(StrEnum):
+    """Built-in models the pipeline can train first (``kcompress.zoo``)."""
+
+    DIGITS_CNN = "digits_cnn"
+    RESNET_CIFAR = "resnet_cifar"
+    MOBILENETV2 = "mobilenetv2"
+
+
+class Delegate(StrEnum):
+    """LiteRT delegates of ``benchmark_model`` on Android."""
+
+    CPU = "cpu"
+    XNNPACK = "xnnpack"
+    GPU = "gpu"
+    NNAPI = "nnapi"
