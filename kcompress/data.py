@@ -57,30 +57,12 @@ class Preprocess:
 
     @classmethod
     def parse(cls, scale=None, offset=None, mean=None, std=None) -> "Preprocess":
-        """From CLI strings: numbers may be fractions (``1/255``); ``mean``/``std`` may be comma-separated
-        per-channel values."""
+        """From CLI strings (fractions such as ``1/255``, comma-separated per-channel ``mean``/``std``); None keeps
+        the default. The parsing and checks are :class:`kcompress.options.DataOptions`'s."""
+        from kcompress.options import DataOptions
 
-        def number(v: str) -> float:
-            num, _, den = str(v).partition("/")
-            return float(num) / float(den) if den else float(num)
-
-        def floats(s, default):
-            if s is None or s == "":
-                return default
-            try:
-                return tuple(number(v) for v in str(s).split(","))
-            except (ValueError, ZeroDivisionError):
-                raise UsageError(f"expected a number, a fraction or comma-separated numbers, got {s!r}") from None
-
-        p = cls(
-            scale=floats(scale, (1.0,))[0],
-            offset=floats(offset, (0.0,))[0],
-            mean=floats(mean, (0.0,)),
-            std=floats(std, (1.0,)),
-        )
-        if any(s == 0 for s in p.std):
-            raise UsageError("--std must not be 0")
-        return p
+        given = {"scale": scale, "offset": offset, "mean": mean, "std": std}
+        return DataOptions(**{k: v for k, v in given.items() if v not in (None, "")}).preprocess()
 
 
 @dataclass(frozen=True)

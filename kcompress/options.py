@@ -138,8 +138,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise OptionError(key, f"{value!r} is not one of {', '.join(m.value for m in tp)}") from None
     if typing.get_origin(tp) is tuple or tp is tuple:
         args = typing.get_args(tp)
+        if isinstance(value, str) and args and args[0] in (int, str):  # comma-separated, as on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
         items = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         if args and args[0] is int:
+            try:
+                items = tuple(int(v) if isinstance(v, str) else v for v in items)
+            except ValueError:
+                raise OptionError(key, f"expected comma-separated whole numbers, got {value!r}") from None
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in items) or not items:
                 raise OptionError(key, f"expected whole numbers >= 1, got {value!r}")
         if args and args[0] is float:

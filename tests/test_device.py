@@ -397,7 +397,7 @@ def test_bench_refuses_to_overwrite_output(fake_adb, files):
     out = files / "phone.json"
     out.write_text("keep me")
     result = invoke(*bench_args(fake_adb, files, "--threads", "1", "-o", out))
-    assert_one_line_error(result, 2, "exists", "--overwrite")
+    assert_one_line_error(result, 1, "exists", "--overwrite")  # as every other command
     assert out.read_text() == "keep me" and fake_adb.commands() == []  # refused before touching the device
     result = invoke(*bench_args(fake_adb, files, "--threads", "1", "-o", out, "--overwrite"))
     assert result.exit_code == 0 and json.loads(out.read_text())["results"][0]["threads"] == 1

@@ -25,9 +25,10 @@ from kcompress.modelinfo import count_params
 from kcompress.options import QuantizeOptions  # noqa: E402
 from kcompress.quantization.ptq import convert  # noqa: E402
 from kcompress.train import fit  # noqa: E402
+from kcompress.types import QuantMode  # noqa: E402
 from kcompress.zoo import mobilenetv2, resnet_cifar  # noqa: E402
 
-MODES = ("fp32", "dynamic", "float16", "int8", "int16x8")
+MODES = QuantMode.values()
 
 
 def main() -> None:

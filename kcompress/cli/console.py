@@ -41,7 +41,7 @@ def console():
     from rich.console import Console
 
     # tables must not wrap into unreadable columns in logs and pipes
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def print_table(title: Optional[str], headers: Sequence[str], rows: Iterable[Sequence[Any]], out=None) -> None:
@@ -133,13 +133,6 @@ def option(cls, name: str, *decls: str, **kw):
 def build(cls, flags: Optional[dict[str, str]] = None, **values):
     """An options object from CLI values; a bad value is a usage error naming the flag (exit 2)."""
     values = {k: v for k, v in values.items() if v is not None}
-    for k, v in list(values.items()):
-        tp = typing.get_type_hints(cls)[k]
-        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is typing.Union else tp
-        if typing.get_origin(inner) is tuple and isinstance(v, str):
-            values[k] = tuple(s.strip() for s in v.split(",") if s.strip())
-            if typing.get_args(inner)[:1] == (int,):
-                values[k] = int_list(v, (flags or {}).get(k, flag_name(k)))
     try:
         return cls(**values)
     except OptionError as e:

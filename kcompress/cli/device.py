@@ -9,25 +9,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from typing import Any, Optional
 
 import click
 
 from kcompress.cli import handle_errors
+from kcompress.cli.console import int_list, print_table, wrote
 from kcompress.errors import UsageError
+from kcompress.io import check_output_path
 
 __all__ = ["device"]
-
-
-def _parse_threads(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise UsageError(f"--threads must be a comma-separated list of integers such as 1,4 (got {text!r})") from None
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"--threads must be positive integers such as 1,4 (got {text!r})")
-    return values
 
 
 def _split_multi(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -37,33 +28,6 @@ def _split_multi(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _check_output(output: Optional[str], overwrite: bool) -> None:
-    if output and os.path.exists(output) and not overwrite:
-        raise UsageError(f"{output} exists: pass --overwrite to replace it")
-
-
-def _write_json(path: str, text: str) -> None:
-    """Writes through a temporary file in the same directory and renames it, so a crash leaves no half file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".kcompress-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _console():
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=160)
-
-
 def _fmt(value: Optional[float], digits: int = 2) -> str:
     if value is None or value != value:
         return "-"
@@ -71,16 +35,11 @@ def _fmt(value: Optional[float], digits: int = 2) -> str:
 
 
 def _print_results(report: Any) -> None:
-    from rich.table import Table
-
     t = report.target
     title = " ".join(str(x) for x in (t.get("manufacturer"), t.get("model")) if x) or "Android device"
     details = ", ".join(str(x) for x in (t.get("serial"), t.get("soc") or t.get("board"), t.get("abi"),
                                          t.get("android_version") and f"Android {t['android_version']}") if x)
-    table = Table(title=f"{title} ({details})" if details else title)
-    for col in ("model", "delegate", "threads", "runs", "mean ms", "p50 ms", "p95 ms", "min ms", "init ms",
-                "mem MB", "peak MB", "delegated", "temp C"):
-        table.add_column(col, justify="left" if col in ("model", "delegate") else "right")
+    rows = []
     for r in report.results:
         lat = r.latency_ms
         mean = lat.mean if lat else r.extra.get("inference_avg_ms")
@@ -89,18 +48,22 @@ def _print_results(report: Any) -> None:
         before = (r.extra.get("battery_before") or {}).get("temperature_c")
         after = (r.extra.get("battery_after") or {}).get("temperature_c")
         temp = f"{before:g}->{after:g}" if before is not None and after is not None else "-"
-        table.add_row(r.model, r.delegate, str(r.threads or "-"), str(lat.count) if lat else "-", _fmt(mean),
-                      _fmt(lat.p50 if lat else None), _fmt(lat.p95 if lat else None), _fmt(lat.min if lat else None),
-                      _fmt(r.init_ms, 1), _fmt(r.memory_mb.get("overall"), 1),
-                      _fmt(r.memory_mb.get("peak_periodic"), 1), delegated, temp)
-    _console().print(table)
+        rows.append([r.model, r.delegate, r.threads or "-", lat.count if lat else "-", _fmt(mean),
+                     _fmt(lat.p50 if lat else None), _fmt(lat.p95 if lat else None), _fmt(lat.min if lat else None),
+                     _fmt(r.init_ms, 1), _fmt(r.memory_mb.get("overall"), 1),
+                     _fmt(r.memory_mb.get("peak_periodic"), 1), delegated, temp])
+    print_table(f"{title} ({details})" if details else title,
+                ["model", "delegate", "threads", "runs", "mean ms", "p50 ms", "p95 ms", "min ms", "init ms", "mem MB",
+                 "peak MB", "delegated", "temp C"], rows)
 
 
-def _emit(report: Any, as_json: bool, output: Optional[str]) -> None:
+def _emit(report: Any, as_json: bool, out: Optional[str], overwrite: bool) -> None:
     text = report.to_json()
-    if output:
-        _write_json(output, text)
-        click.echo(f"Wrote {len(report.results)} result(s) to {output}", err=True)
+    if out:
+        from kcompress.io import atomic_write_bytes
+
+        atomic_write_bytes(out, (text + "\n").encode(), overwrite=overwrite)
+        wrote(out, f"{len(report.results)} result(s)", err=True)
     if as_json:
         click.echo(text)
     else:
@@ -151,17 +114,10 @@ def list_cmd(adb_path: Optional[str], as_json: bool) -> None:
         click.echo("No devices: adb lists none. Connect a phone with USB debugging enabled "
                    "(see android_bench/README.md).", err=True)
         return
-    from rich.table import Table
-
-    table = Table()
-    for col in ("serial", "state", "model", "SoC / board", "ABI", "cores", "Android"):
-        table.add_column(col)
-    for d in devices:
-        android = f"{d.android_version} (SDK {d.sdk})" if d.android_version else "-"
-        table.add_row(d.serial, d.state, " ".join(x for x in (d.manufacturer, d.model) if x) or "-",
-                      " / ".join(x for x in (d.soc, d.board) if x) or "-", d.abi or "-",
-                      str(d.cpu_cores or "-"), android)
-    _console().print(table)
+    rows = [[d.serial, d.state, " ".join(x for x in (d.manufacturer, d.model) if x) or "-",
+             " / ".join(x for x in (d.soc, d.board) if x) or "-", d.abi or "-", d.cpu_cores or "-",
+             f"{d.android_version} (SDK {d.sdk})" if d.android_version else "-"] for d in devices]
+    print_table(None, ["serial", "state", "model", "SoC / board", "ABI", "cores", "Android"], rows)
 
 
 @device.command("bench")
@@ -182,13 +138,13 @@ def list_cmd(adb_path: Optional[str], as_json: bool) -> None:
 @click.option("--no-pin", is_flag=True, help="Do not pin to the big cores with taskset.")
 @click.option("--timeout", default=600.0, show_default=True, metavar="SECONDS", help="Limit for one run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-@click.option("-o", "--output", metavar="FILE", help="Write the results JSON to FILE.")
+@click.option("-o", "--out", metavar="FILE", help="Write the results JSON to FILE.")
 @click.option("--overwrite", is_flag=True, help="Replace FILE if it exists.")
 @handle_errors
 def bench_cmd(models: tuple[str, ...], serial: Optional[str], adb_path: Optional[str],
               benchmark_binary: Optional[str], apk: bool, threads: str, delegates: tuple[str, ...], runs: int,
               warmup: int, cooldown: float, op_profiling: bool, no_pin: bool, timeout: float, as_json: bool,
-              output: Optional[str], overwrite: bool) -> None:
+              out: Optional[str], overwrite: bool) -> None:
     """Benchmark .tflite files on an Android device with LiteRT's benchmark_model.
 
     Pushes the binary and the models to /data/local/tmp/kcompress/, runs every model x delegate x threads
@@ -203,9 +159,10 @@ def bench_cmd(models: tuple[str, ...], serial: Optional[str], adb_path: Optional
     """
     from kcompress.bench.android import Adb, DeviceBenchConfig, bench_on_device, find_adb
 
-    _check_output(output, overwrite)
+    if out:
+        check_output_path(out, overwrite)
     config = DeviceBenchConfig(
-        threads=_parse_threads(threads),
+        threads=int_list(threads, "--threads"),
         delegates=_split_multi(delegates) or ("xnnpack",),
         runs=runs,
         warmup=warmup,
@@ -217,17 +174,17 @@ def bench_cmd(models: tuple[str, ...], serial: Optional[str], adb_path: Optional
     )
     report = bench_on_device(list(models), Adb(find_adb(adb_path)), config, benchmark_binary=benchmark_binary,
                              serial=serial, log=lambda msg: click.echo(msg, err=True))
-    _emit(report, as_json, output)
+    _emit(report, as_json, out, overwrite)
 
 
 @device.command("parse")
 @click.argument("log", metavar="LOG")
 @click.option("--model", help="Model name to record (default: from the log's Graph line).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
-@click.option("-o", "--output", metavar="FILE", help="Write the results JSON to FILE.")
+@click.option("-o", "--out", metavar="FILE", help="Write the results JSON to FILE.")
 @click.option("--overwrite", is_flag=True, help="Replace FILE if it exists.")
 @handle_errors
-def parse_cmd(log: str, model: Optional[str], as_json: bool, output: Optional[str], overwrite: bool) -> None:
+def parse_cmd(log: str, model: Optional[str], as_json: bool, out: Optional[str], overwrite: bool) -> None:
     """Parse benchmark_model output captured by hand into the kcompress result schema.
 
     LOG is a file (or - for stdin) holding a plain run, an INFO:-prefixed run, or logcat lines from the
@@ -243,7 +200,8 @@ def parse_cmd(log: str, model: Optional[str], as_json: bool, output: Optional[st
     from kcompress.bench.logparse import parse_benchmark_log, split_runs
     from kcompress.bench.schema import BenchReport
 
-    _check_output(output, overwrite)
+    if out:
+        check_output_path(out, overwrite)
     if log == "-":
         text = sys.stdin.read()
     else:
@@ -267,4 +225,4 @@ def parse_cmd(log: str, model: Optional[str], as_json: bool, output: Optional[st
                               + (failures[0] if failures else "no benchmark_model timings found"))
     target = {"kind": "android", "serial": None, "model": None, "manufacturer": None, "soc": None, "board": None,
               "abi": None, "cpu_cores": None, "android_version": None, "sdk": None, "source": "parsed log"}
-    _emit(BenchReport(target=target, results=tuple(results)), as_json, output)
+    _emit(BenchReport(target=target, results=tuple(results)), as_json, out, overwrite)

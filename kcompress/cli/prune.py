@@ -13,6 +13,7 @@ from kcompress.cli import handle_errors
 from kcompress.cli.console import (
     build,
     console,
+    flag_name,
     mb,
     ms,
     option,
@@ -26,6 +27,9 @@ from kcompress.cli.console import (
 from kcompress.options import PruneOptions
 
 __all__ = ["prune"]
+
+MAGNITUDE_ONLY = {"sparsity", "schedule", "initial_sparsity", "block", "skip"}
+STRUCTURED_ONLY = {"target_flops", "ratio", "criterion", "rounds", "channel_multiple"}
 
 
 def _default_out(model_path: str, method: str) -> str:
@@ -84,14 +88,13 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
     from kcompress.errors import KcompressError, UsageError
     from kcompress.io import check_output_path
 
-    magnitude_only = {"--sparsity": sparsity, "--block": block, "--skip": skip or None, "--schedule": schedule,
-                      "--initial-sparsity": initial_sparsity}
-    structured_only = {"--target-flops": target_flops, "--ratio": ratio, "--rounds": rounds}
-    defaults = {f: build(PruneOptions).to_dict()[f[2:].replace("-", "_")] for f in (*magnitude_only, *structured_only)}
-    wrong = magnitude_only if method == "structured" else structured_only
-    given = [f for f, v in wrong.items() if v is not None and str(v) != str(defaults[f]) and v != ()]
-    if given:
-        raise UsageError(f"{', '.join(given)} do not apply to --method {method}")
+    ctx = click.get_current_context()
+    given = {p.name for p in ctx.command.params
+             if ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE}
+    wrong = (STRUCTURED_ONLY if method == "magnitude" else MAGNITUDE_ONLY) & given
+    if wrong:
+        flags = ", ".join(flag_name(n) for n in sorted(wrong))
+        raise UsageError(f"{flags} do not apply to --method {method}")
     opts = build(PruneOptions, method=method, sparsity=sparsity, schedule=schedule, initial_sparsity=initial_sparsity,
                  block=block, skip=tuple(skip), target_flops=target_flops, ratio=ratio, criterion=criterion,
                  rounds=rounds, channel_multiple=channel_multiple, epochs=epochs, lr=lr, batch_size=batch_size,

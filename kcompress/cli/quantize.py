@@ -61,8 +61,12 @@ def _print_plan(con, plan: Optional[dict]) -> None:
         return
     for row in plan.get("chosen", []):
         con.print(f"  keeping {row['layer']} in float costs {mb(row['float_cost_bytes'])} (SQNR {row['sqnr_db']:.1f} dB)")
-    if not plan.get("chosen"):
+    if not plan.get("met"):
+        con.print("  no number of float layers met the budget; keeping the best trial")
+    elif not plan.get("chosen"):
         con.print("  plain int8 is already within the budget: no layer kept in float")
+    con.print("  the float layers were chosen on the evaluation data, so the accuracy below is optimistic: check "
+              "it on held-out data with `kcompress evaluate`")
 
 
 @click.command()

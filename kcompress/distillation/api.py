@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import replace
 from typing import Callable, Optional
 
-from kcompress.errors import KcompressError
 from kcompress.inputs import as_data, as_model, preprocess_of, resolve_options
 from kcompress.options import DistillOptions
 
@@ -33,7 +31,6 @@ def distill(teacher, train, val=None, *, student=None, options: Optional[Distill
     ``max_drop`` points of the teacher on VAL (``within_max_drop``); the CLI turns a miss into exit 1.
     """
     from kcompress.backend import keras
-    from kcompress.distillation.loss import check_compatible
     from kcompress.distillation.students import derive_student
     from kcompress.distillation.trainer import distill as run
     from kcompress.distillation.trainer import size_warnings, weights_bytes
@@ -48,14 +45,10 @@ def distill(teacher, train, val=None, *, student=None, options: Optional[Distill
     else:
         keras.utils.set_random_seed(seed)
         student_model = derive_student(t.model, opts.student_width)
-    check_compatible(t.model, student_model)
     tr = as_data(train, preprocess, "train")
     va = as_data(val, preprocess, "val") if val is not None else None
-    if checkpoint_dir and not resume and os.path.exists(os.path.join(checkpoint_dir, "state.json")):
-        if not overwrite_checkpoints:
-            raise KcompressError(f"{checkpoint_dir} holds checkpoints of an earlier run; resume it or start over "
-                                 "(--resume or --overwrite)")
-        shutil.rmtree(checkpoint_dir)
+    if checkpoint_dir and overwrite_checkpoints and not resume:  # else the trainer refuses an earlier run's
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     t_bytes, s_bytes = weights_bytes(t.model), weights_bytes(student_model)
     log(f"teacher: {count_params(t.model)['total']:,} params, {t_bytes / 1e6:.2f} MB")
     log(f"student: {count_params(student_model)['total']:,} params, {s_bytes / 1e6:.2f} MB "

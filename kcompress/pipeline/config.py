@@ -33,7 +33,6 @@ from kcompress.options import (
 
 __all__ = [
     "RunConfig",
-    "SECTIONS",
     "load_config",
     "config_from_dict",
     "config_to_dict",
@@ -59,9 +58,6 @@ class RunConfig(Options):
     qat: QATOptions = field(default_factory=QATOptions, metadata={
         "doc": "quantization-aware training, when quantize.qat asks for it"})
     benchmark: BenchmarkOptions = field(default_factory=BenchmarkOptions, metadata={"doc": "host benchmark"})
-
-
-SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
 
 
 def _build(cls, raw: Any, prefix: str):
@@ -93,8 +89,8 @@ def config_from_dict(raw: dict) -> RunConfig:
     return cfg
 
 
-def config_to_dict(cfg) -> dict:
-    return cfg.to_dict() if isinstance(cfg, Options) else json.loads(json.dumps(dataclasses.asdict(cfg)))
+def config_to_dict(cfg: Options) -> dict:
+    return cfg.to_dict()
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -145,7 +141,7 @@ def defaults_yaml() -> str:
     lines = ["# kcompress pipeline config: every key, its default and what it does."]
 
     def emit(cls, indent: str):
-        obj = cls()
+        defaults = cls().to_dict()
         for f in dataclasses.fields(cls):
             doc = f.metadata.get("doc", "")
             tp = typing.get_type_hints(cls)[f.name]
@@ -153,9 +149,7 @@ def defaults_yaml() -> str:
                 lines.append(f"{indent}{f.name}:  # {doc}")
                 emit(tp, indent + "  ")
                 continue
-            default = obj.to_dict()[f.name]
-            value = yaml.safe_dump(default,
-                                   default_flow_style=True).strip()
+            value = yaml.safe_dump(defaults[f.name], default_flow_style=True).strip()
             if value.endswith("\n..."):
                 value = value[:-4].strip()
             value = value.replace("\n...", "")

@@ -13,7 +13,6 @@ than ``max_drop`` below the baseline, stops the run with :class:`GateFailed`, ke
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -177,19 +176,11 @@ def _stage_quantize(ctx: _Ctx, model, out_dir: str, prev_accuracy: float):
     """PTQ first; QAT when PTQ misses max_drop (qat: auto) or always; keeps the better on VAL."""
     from kcompress.evaluation import evaluate
     from kcompress.modelinfo import input_shape
-    from kcompress.quantization.ptq import convert, resolve_float_layers
+    from kcompress.quantization.ptq import convert
+    from kcompress.quantization.sensitivity import choose_float_layers
 
     c = ctx.cfg.quantize
-    opts = c
-    if c.auto_float_layers:
-        from kcompress.quantization.sensitivity import auto_float_layers
-
-        names, _ = auto_float_layers(model, calibration_data=ctx.train, val_data=ctx.val, max_drop=c.max_drop,
-                                     calibration_samples=c.calibration_samples, per_channel=c.per_channel,
-                                     io=c.io_type, log=ctx.log)
-        opts = c.replace(float_layers=tuple(names))
-    elif c.float_layers:
-        opts = c.replace(float_layers=resolve_float_layers(model, c.float_layers))
+    opts, _ = choose_float_layers(model, c, ctx.train, ctx.val, log=ctx.log)
     ptq = convert(model, opts, calibration=ctx.calibration(input_shape(model)))
     ptq_ev = evaluate(ptq, ctx.val, description="validating PTQ")
     ptq_acc = ptq_ev.accuracy
@@ -206,7 +197,7 @@ def _stage_quantize(ctx: _Ctx, model, out_dir: str, prev_accuracy: float):
         ctx.log("running quantization-aware training" + (" (PTQ missed the stage's floor)" if c.qat == "auto" else ""))
         result = qat(model, ctx.train, ctx.val, ctx.cfg.qat, opts, seed=ctx.cfg.seed, ptq=False, bench=False,
                      log=ctx.log)
-        qat_ev = evaluate(result.tflite, ctx.val, description="validating QAT")
+        qat_ev = result.evaluation  # the QAT .tflite in LiteRT on ctx.val, as qat() measured it
         qat_acc = extra["qat_accuracy"] = qat_ev.accuracy
         if qat_acc > ptq_acc:
             chosen, chosen_ev, extra["method"] = result.tflite, qat_ev, "qat"
@@ -222,9 +213,8 @@ def _final_metadata(ctx: _Ctx, records: list[StageRecord], extra: dict) -> dict:
 
     stages = []
     for r in records:
-        section = getattr(ctx.cfg, r.stage, None)
-        settings = config_to_dict(section) if dataclasses.is_dataclass(section) else {}
-        stages.append({"stage": r.stage, "settings": settings, "accuracy": r.metrics.get("accuracy")})
+        section = getattr(ctx.cfg, {"train": "model"}.get(r.stage, r.stage))
+        stages.append({"stage": r.stage, "settings": section.to_dict(), "accuracy": r.metrics.get("accuracy")})
     settings = config_to_dict(ctx.cfg.quantize)
     if extra.get("method") == "qat":
         settings["qat_settings"] = config_to_dict(ctx.cfg.qat)
@@ -239,11 +229,23 @@ def _final_metadata(ctx: _Ctx, records: list[StageRecord], extra: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------------- runner
-def _chain(prev: str, section: Any) -> str:
-    """Hash of a stage's settings chained to the earlier stages'. ``max_drop`` is left out: a gate does not change
-    the model, so loosening one and resuming re-checks the gate without redoing the stage."""
-    settings = config_to_dict(section) if dataclasses.is_dataclass(section) else dict(section)
-    settings.pop("max_drop", None)
+def _stage_settings(cfg: RunConfig, stage: str) -> dict:
+    """What a stage's result depends on, for the resume chain.
+
+    ``max_drop`` is left out where it only gates (loosening a gate and resuming re-checks it without redoing the
+    stage), but kept in the quantize stage when it chooses the model (``qat: auto``, ``float_layers: auto``). The
+    ``qat`` section counts for the quantize stage only when that stage may run QAT."""
+    settings = getattr(cfg, {"train": "model"}.get(stage, stage)).to_dict()
+    q = cfg.quantize
+    if stage == "quantize" and q.qat != QATPolicy.NEVER:
+        settings["qat_settings"] = cfg.qat.to_dict()
+    if not (stage == "quantize" and (q.qat == QATPolicy.AUTO or q.auto_float_layers)):
+        settings.pop("max_drop", None)
+    return settings
+
+
+def _chain(prev: str, settings: dict) -> str:
+    """Hash of a stage's settings chained to the earlier stages'."""
     text = prev + json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -322,30 +324,17 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
     with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(f"# config hash {config_hash(cfg)}\n" + dump_yaml(cfg))
     ctx = _Ctx(cfg, run_dir, log)
-    plan = []
-    if cfg.model.architecture:
-        plan.append(("train", cfg.model))
-    plan.append(("baseline", cfg.baseline))
-    for name in ("distill", "prune"):
-        if getattr(cfg, name).enabled:
-            plan.append((name, getattr(cfg, name)))
+    plan = ["train"] if cfg.model.architecture else []
+    plan += ["baseline"] + [name for name in ("distill", "prune", "quantize") if getattr(cfg, name).enabled]
     if cfg.quantize.enabled:
-        # QAT settings change the quantize stage only when it may run QAT
-        qsec = config_to_dict(cfg.quantize)
-        if cfg.quantize.qat != QATPolicy.NEVER:
-            qsec["qat_settings"] = config_to_dict(cfg.qat)
-        if cfg.quantize.qat == QATPolicy.AUTO or cfg.quantize.auto_float_layers:
-            qsec["choosing_max_drop"] = cfg.quantize.max_drop  # here the budget chooses the model, not only gates it
-        plan.append(("quantize", qsec))
-    if cfg.quantize.enabled:
-        plan.append(("benchmark", cfg.benchmark))
+        plan.append("benchmark")
 
     records: list[StageRecord] = []
     chain = _chain("", {"data": config_to_dict(cfg.data), "seed": cfg.seed, "model": config_to_dict(cfg.model)})
     model = None if cfg.model.architecture else cfg.model.path
     base_acc: Optional[float] = None
-    for stage, section in plan:
-        chain = _chain(chain, section)
+    for stage in plan:
+        chain = _chain(chain, _stage_settings(cfg, stage))
         sdir = os.path.join(run_dir, STAGE_DIRS[stage])
         done = _done(sdir, chain) if resume else None
         if done is not None:

@@ -26,11 +26,9 @@ from kcompress.data import DataSource
 from kcompress.errors import KcompressError, UsageError
 from kcompress.modelinfo import count_macs, count_params, layer_macs
 from kcompress.options import PruneOptions
-from kcompress.types import Criterion
 
-__all__ = ["CRITERIA", "StructuredResult", "ChannelGraph", "prune_structured", "prune_once"]
+__all__ = ["StructuredResult", "ChannelGraph", "prune_structured", "prune_once"]
 
-CRITERIA = Criterion.values()
 L = keras.layers
 _PASS = (L.BatchNormalization, L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D,
          L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout, L.MaxPooling1D, L.MaxPooling2D, L.AveragePooling1D,

@@ -120,7 +120,8 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, options:
     from kcompress.io import model_format, path_size
     from kcompress.litert.interpreter import TFLiteModel
     from kcompress.modelinfo import input_shape, num_classes
-    from kcompress.quantization.ptq import convert, resolve_float_layers
+    from kcompress.quantization.ptq import convert
+    from kcompress.quantization.sensitivity import choose_float_layers
 
     opts = resolve_options(QuantizeOptions, options, mode=mode, **option_fields)
     preprocess = preprocess_of(data, preprocess)
@@ -142,17 +143,9 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, options:
     val = as_data(val_data, preprocess, "val_data") if val_data is not None else src
     check_fits(src, shape, classes)
     check_fits(val, shape, classes)
-    plan = None
     if opts.auto_float_layers:
-        from kcompress.quantization.sensitivity import auto_float_layers
-
         log(f"Choosing float layers so the drop stays within {opts.max_drop} points ...")
-        names, plan = auto_float_layers(source, calibration_data=src, val_data=val, max_drop=opts.max_drop,
-                                        calibration_samples=opts.calibration_samples, per_channel=opts.per_channel,
-                                        io=opts.io, log=log)
-        opts = opts.replace(float_layers=tuple(names))
-    elif opts.float_layers:
-        opts = opts.replace(float_layers=resolve_float_layers(source, opts.float_layers))
+    opts, plan = choose_float_layers(source, opts, src, val, log=log)  # no-op without float layers (exports)
     log(f"Converting {describe(model)} ({opts.mode}, {'per-channel' if opts.per_channel else 'per-tensor'} "
         "weights) ...")
     fp32 = fp32 or convert(source)
@@ -177,8 +170,8 @@ def qat(model, data, *, val_data=None, options: Optional[QATOptions] = None,
     Keywords are fields of :class:`~kcompress.options.QATOptions` (``epochs``, ``lr``, ...); the int8 settings
     (``per_channel``, ``io``, ``float_layers`` including ``("auto",)``, ``max_drop``) come from ``quantize``.
     """
-    from kcompress.quantization.ptq import resolve_float_layers
     from kcompress.quantization.qat import qat as run_qat
+    from kcompress.quantization.sensitivity import choose_float_layers
 
     opts = resolve_options(QATOptions, options, **option_fields)
     preprocess = preprocess_of(data, preprocess)
@@ -186,17 +179,9 @@ def qat(model, data, *, val_data=None, options: Optional[QATOptions] = None,
     m = as_model(model, stage="qat").model
     train = as_data(data, preprocess)
     val = as_data(val_data, preprocess, "val_data") if val_data is not None else None
-    plan = None
     if q.auto_float_layers:
-        from kcompress.quantization.sensitivity import auto_float_layers
-
         log(f"choosing float layers (max drop {q.max_drop} points on VAL) ...")
-        names, plan = auto_float_layers(m, train, val or train, max_drop=q.max_drop,
-                                        calibration_samples=q.calibration_samples, per_channel=q.per_channel,
-                                        io=q.io_type, log=log)
-        q = q.replace(float_layers=tuple(names))
-    elif q.float_layers:
-        q = q.replace(float_layers=resolve_float_layers(m, q.float_layers))
+    q, plan = choose_float_layers(m, q, train, val or train, log=log)
     result = run_qat(m, train, val, opts, q, seed=seed, bench=bench, log=log)
     if plan is not None:
         result.info["float_layer_plan"] = plan

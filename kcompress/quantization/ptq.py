@@ -25,19 +25,13 @@ from kcompress.backend import tf
 from kcompress.errors import KcompressError, UsageError
 from kcompress.litert.interpreter import TFLiteModel
 from kcompress.options import QuantizeOptions
-from kcompress.types import IOType, QuantMode
+from kcompress.types import QuantMode
 
 __all__ = [
-    "MODES",
-    "IO_TYPES",
     "convert",
     "resolve_float_layers",
     "smoke_test",
 ]
-
-MODES = QuantMode.values()
-IO_TYPES = IOType.values()
-
 
 def _keras_layers(model) -> list:
     from kcompress.modelinfo import flat_layers

@@ -50,7 +50,6 @@ __all__ = [
 ]
 
 MAX_INT8_RATIO = 0.35  # .tflite bytes / fp32 parameter bytes above which an int8 model is "mostly float"
-DEFAULT_LR = 1e-4
 
 L = keras.layers
 
@@ -195,6 +194,7 @@ class QATResult:
     keras_qat_accuracy: Optional[float]
     warnings: tuple
     verdict: str
+    evaluation: Any = field(default=None, repr=False)  # the QAT int8 .tflite in LiteRT on VAL
 
     def accuracy(self, model: str) -> Optional[float]:
         """The VAL accuracy of the row named ``fp32``, ``PTQ int8`` or ``QAT int8`` (None when not measured)."""
@@ -361,4 +361,5 @@ def qat(
     else:
         verdict = f"QAT int8 {qat_acc:.2%} on VAL (fp32 {base:.2%})"
     rows_layers = layer_table(qmodel, info)
-    return QATResult(qmodel, tfl, ptq_tfl, tuple(rows), tuple(rows_layers), info, keras_acc, tuple(warn), verdict)
+    return QATResult(qmodel, tfl, ptq_tfl, tuple(rows), tuple(rows_layers), info, keras_acc, tuple(warn), verdict,
+                     tfl_eval)

@@ -24,7 +24,7 @@ from kcompress.backend import keras, tf
 from kcompress.data import DataSource
 from kcompress.errors import KcompressError, UsageError
 
-__all__ = ["sensitivity", "auto_float_layers", "fake_quant_weights", "candidate_layers"]
+__all__ = ["sensitivity", "auto_float_layers", "choose_float_layers", "fake_quant_weights"]
 
 L = keras.layers
 _WEIGHTED = (L.Conv2D, L.DepthwiseConv2D, L.Dense, L.SeparableConv2D, L.Conv1D)
@@ -174,7 +174,8 @@ def auto_float_layers(
     """
     from kcompress.evaluation import evaluate
     from kcompress.modelinfo import input_shape
-    from kcompress.quantization.ptq import QuantizeOptions, convert
+    from kcompress.options import QuantizeOptions
+    from kcompress.quantization.ptq import convert
 
     if max_drop < 0:
         raise UsageError("--max-drop must be 0 or more (points of accuracy)")
@@ -250,3 +251,20 @@ def auto_float_layers(
         ],
     )
     return chosen, report
+
+
+def choose_float_layers(model, options, calibration_data: DataSource, val_data: DataSource,
+                        log: Callable[[str], None] = print):
+    """``(options, plan)``: ``options.float_layers`` resolved to layer names for ``model``. ``first``/``last`` are
+    expanded; ``auto`` is chosen on ``val_data`` within ``options.max_drop`` by :func:`auto_float_layers`, whose
+    report is the plan (None otherwise). The one place the API, the CLI and the pipeline resolve float layers."""
+    from kcompress.quantization.ptq import resolve_float_layers
+
+    if options.auto_float_layers:
+        names, plan = auto_float_layers(model, calibration_data, val_data, max_drop=options.max_drop,
+                                        calibration_samples=options.calibration_samples,
+                                        per_channel=options.per_channel, io=options.io_type, log=log)
+        return options.replace(float_layers=tuple(names)), plan
+    if options.float_layers:
+        return options.replace(float_layers=resolve_float_layers(model, options.float_layers)), None
+    return options, None
