@@ -14,6 +14,7 @@ the same pipeline feeds Keras evaluation, calibration and TFLite evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,9 +25,11 @@ import numpy as np
 from kcompress.backend import tf
 from kcompress.errors import KcompressError, UsageError
 
-__all__ = ["Preprocess", "DataSource", "open_data", "BUILTIN_DATASETS", "check_fits"]
+__all__ = ["Preprocess", "DataSource", "Splits", "open_data", "open_splits", "stratified_indices", "BUILTIN_DATASETS",
+           "check_fits", "check_same_classes"]
 
 BUILTIN_DATASETS = ("digits", "digits:train", "digits:val")
+IGNORED_FOLDERS = ("__MACOSX",)  # archive litter, never a class
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"BM", b"GIF8")
 
@@ -80,6 +83,7 @@ class DataSource:
     preprocess: Preprocess = field(default_factory=Preprocess)
     _arrays: Optional[np.ndarray] = field(default=None, repr=False)
     _files: tuple[str, ...] = field(default=(), repr=False)
+    explicit_classes: bool = True  # False for an .npz without class_names: the classes are only 0..max(label)
 
     @property
     def num_samples(self) -> int:
@@ -94,19 +98,34 @@ class DataSource:
         return {name: int(c) for name, c in zip(self.class_names, counts)}
 
     def with_preprocess(self, preprocess: Preprocess) -> "DataSource":
-        return DataSource(
-            self.name, self.kind, self.labels, self.class_names, self.sample_shape, preprocess, self._arrays, self._files
-        )
+        return dataclasses.replace(self, preprocess=preprocess)
 
-    def subset(self, n: int, seed: int = 0) -> "DataSource":
-        """A random ``n``-sample subset (fixed seed), original order kept; for quick experiments."""
-        if n >= self.num_samples:
-            return self
-        idx = np.sort(np.random.default_rng(seed).permutation(self.num_samples)[:n])
+    def take(self, indices: np.ndarray, name: str) -> "DataSource":
+        """The samples at ``indices`` (in that order), as a data set called ``name``."""
+        idx = np.asarray(indices, np.int64)
         arrays = self._arrays[idx] if self._arrays is not None else None
         files = tuple(np.asarray(self._files)[idx]) if self._files else ()
-        return DataSource(f"{self.name}[{n}]", self.kind, self.labels[idx], self.class_names, self.sample_shape,
-                          self.preprocess, arrays, files)
+        return dataclasses.replace(self, name=name, labels=self.labels[idx], _arrays=arrays, _files=files)
+
+    def subset(self, n: int, seed: int = 0) -> "DataSource":
+        """A stratified random ``n``-sample subset (seeded, see :func:`stratified_indices`), original order kept."""
+        if n >= self.num_samples:
+            return self
+        return self.take(stratified_indices(self.labels, n, seed), f"{self.name}[{n}]")
+
+    def split(self, fraction: float, seed: int = 0, what: str = "held out") -> tuple["DataSource", "DataSource"]:
+        """``(rest, part)``: a stratified, seeded ``fraction`` of the samples carved out, and the others.
+
+        The same data, fraction and seed always carve the same samples; the two parts never share a sample."""
+        if not 0.0 < fraction < 1.0:
+            raise UsageError(f"a split fraction must be between 0 and 1 (exclusive), got {fraction}")
+        n = int(round(fraction * self.num_samples))
+        if n < 1 or n >= self.num_samples:
+            raise UsageError(f"{self.name}: {fraction:g} of {self.num_samples} samples leaves an empty split")
+        part = stratified_indices(self.labels, n, seed)
+        rest = np.setdiff1d(np.arange(self.num_samples), part)
+        tag = f"{100 * fraction:g}%"
+        return (self.take(rest, f"{self.name}[-{tag}]"), self.take(part, f"{self.name}[{tag} {what}]"))
 
     def dataset(
         self,
@@ -120,13 +139,13 @@ class DataSource:
         """A ``tf.data.Dataset`` of ``(x float32 [B, *input_shape], y int32 [B])``.
 
         ``input_shape`` is the model's input shape without the batch axis; images are resized and given its
-        channel count. ``limit`` takes the first N samples (after shuffling, when shuffling).
+        channel count. ``limit`` draws a stratified, seeded sample of N (never "the first N": image folders are
+        sorted by class), kept in data-set order unless ``shuffle``.
         """
         n = self.num_samples if limit is None else min(limit, self.num_samples)
-        order = np.arange(self.num_samples)
+        order = np.arange(self.num_samples) if n == self.num_samples else stratified_indices(self.labels, n, seed)
         if shuffle:
-            order = np.random.default_rng(seed).permutation(self.num_samples)
-        order = order[:n]
+            order = np.random.default_rng(seed).permutation(order)
         labels = self.labels[order].astype(np.int32)
         if self.kind == "folder":
             h, w, c = _image_hwc(input_shape)
@@ -166,14 +185,29 @@ class DataSource:
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def numpy_batches(self, input_shape, batch_size: int = 32, limit: Optional[int] = None) -> Iterator:
-        """Yields ``(x, y)`` numpy batches in the data set's order."""
+        """Yields ``(x, y)`` numpy batches in the data set's order (``limit``: a stratified seeded sample)."""
         for x, y in self.dataset(input_shape, batch_size=batch_size, limit=limit):
             yield x.numpy(), y.numpy()
 
     def calibration_samples(self, input_shape, n: int = 200, seed: int = 0) -> Iterator[np.ndarray]:
-        """``n`` samples drawn at random (fixed seed) for a converter's representative dataset, one per batch."""
+        """``n`` samples for a converter's representative dataset, one per batch: stratified by class, seeded,
+        in shuffled order (so every class is seen, whatever order the files are in)."""
         for x, _ in self.dataset(input_shape, batch_size=1, shuffle=True, seed=seed, limit=n):
             yield x.numpy()
+
+    def fingerprint(self) -> str:
+        """A hash that changes when the samples or labels do: labels, class names, the npz file's bytes or each
+        image file's name and size (not its bytes: a folder of 50,000 images is fingerprinted in a second)."""
+        import hashlib
+
+        h = hashlib.sha256(np.ascontiguousarray(self.labels).tobytes())
+        h.update("\0".join(self.class_names).encode())
+        if self._arrays is not None:
+            h.update(np.ascontiguousarray(self._arrays).tobytes())
+        for f in self._files:  # class folder/file name: the same wherever the data folder lives
+            rel = os.path.join(os.path.basename(os.path.dirname(f)), os.path.basename(f))
+            h.update(f"{rel}:{os.path.getsize(f)}\0".encode())
+        return h.hexdigest()[:16]
 
     def summary(self) -> dict:
         return {
@@ -211,7 +245,8 @@ def _is_image(path: str) -> bool:
 
 
 def _open_folder(path: str) -> DataSource:
-    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith("."))
+    classes = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)) and not d.startswith(".")
+                     and d not in IGNORED_FOLDERS)
     if not classes:
         raise KcompressError(f"{path}: no class sub-folders (an image folder needs one sub-folder per class)")
     files, labels, skipped = [], [], 0
@@ -252,15 +287,21 @@ def _open_npz(path: str) -> DataSource:
     if len(x) != len(y):
         raise KcompressError(f"{path}: x has {len(x)} samples but y has {len(y)} labels")
     y = _labels(y, path)
-    num_classes = int(y.max()) + 1
-    names = npz["class_names"].tolist() if "class_names" in npz.files else [str(i) for i in range(num_classes)]
+    named = "class_names" in npz.files
+    names = [str(n) for n in np.ravel(npz["class_names"]).tolist()] if named else [str(i) for i in range(y.max() + 1)]
+    if named and int(y.max()) >= len(names):
+        raise KcompressError(f"{path}: label {int(y.max())} is out of range for its {len(names)} class_names "
+                             f"(labels must be 0..{len(names) - 1})")
+    if named and len(set(names)) != len(names):
+        raise KcompressError(f"{path}: class_names repeats a name")
     return DataSource(
         name=path,
         kind="npz",
         labels=y,
-        class_names=tuple(str(n) for n in names),
+        class_names=tuple(names),
         sample_shape=tuple(int(d) for d in x.shape[1:]),
         _arrays=x,
+        explicit_classes=named,
     )
 
 
@@ -320,7 +361,10 @@ def open_data(spec: str, preprocess: Preprocess = Preprocess()) -> DataSource:
 
 
 def check_fits(data: DataSource, input_shape: Sequence[Optional[int]], num_classes: int) -> None:
-    """Raises a clear error when ``data`` cannot feed a model with this input shape and class count."""
+    """Raises a clear error when ``data`` cannot feed a model with this input shape and class count.
+
+    A data set that names its classes (image folders, built-ins, an ``.npz`` with ``class_names``) must have
+    exactly the model's output width; one that does not must keep its labels below it."""
     if data.sample_shape is not None:
         want = tuple(input_shape)
         got = data.sample_shape
@@ -331,8 +375,113 @@ def check_fits(data: DataSource, input_shape: Sequence[Optional[int]], num_class
             )
     else:
         _image_hwc(input_shape)
+    if data.explicit_classes and data.num_classes != num_classes:
+        raise KcompressError(
+            f"{data.name}: the data has {data.num_classes} classes but the model outputs {num_classes}"
+            + (" (is an extra or a missing class folder in there?)" if data.kind == "folder" else "")
+        )
     top = int(data.labels.max())
     if top >= num_classes:
         raise KcompressError(
             f"{data.name}: label {top} is outside the model's {num_classes} classes (0..{num_classes - 1})"
         )
+
+
+def check_same_classes(reference: DataSource, other: Optional[DataSource]) -> None:
+    """Raises one clear error when ``other``'s classes are not ``reference``'s (same names, same order).
+
+    Class indices come from each split's own folder names, so a val folder missing a class, or holding an extra
+    folder, would silently shift every label after it."""
+    if other is None:
+        return
+    if reference.explicit_classes and other.explicit_classes:
+        a, b = list(reference.class_names), list(other.class_names)
+        if a == b:
+            return
+        missing = [c for c in a if c not in b]
+        extra = [c for c in b if c not in a]
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing)}" if missing else "",
+            f"extra {', '.join(extra)}" if extra else "",
+        ) if part) or "the same names in another order"
+        raise KcompressError(f"{other.name}: its classes differ from {reference.name}'s ({detail}); every split "
+                             "must have the same class list")
+    top = int(other.labels.max())
+    if top >= reference.num_classes:
+        raise KcompressError(f"{other.name}: label {top} is not one of {reference.name}'s {reference.num_classes} "
+                             "classes")
+
+
+def stratified_indices(labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a seeded random sample of ``n`` that keeps the class proportions of ``labels``.
+
+    Each class gets its proportional share (largest remainders first); when ``n`` is at least the number of
+    classes present, every class gets one or more. Within a class the samples are drawn at random."""
+    labels = np.asarray(labels)
+    total = len(labels)
+    if n >= total:
+        return np.arange(total)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = n * counts / total
+    take = np.floor(quota).astype(np.int64)
+    order = np.lexsort((rng.random(len(classes)), -(quota - take)))  # largest remainder, ties at random
+    take[order[: n - take.sum()]] += 1
+    if n >= len(classes):
+        for i in np.flatnonzero(take == 0):  # a rare class still gets one, from the class with the most
+            take[np.argmax(take - (take <= 1) * n)] -= 1
+            take[i] = 1
+    picked = [rng.choice(np.flatnonzero(labels == c), size=k, replace=False) for c, k in zip(classes, take) if k]
+    return np.sort(np.concatenate(picked))
+
+
+@dataclass(frozen=True)
+class Splits:
+    """TRAIN (fits), VAL (chooses: best epoch, PTQ vs QAT, float layers) and optional TEST (reported, chose
+    nothing)."""
+
+    train: DataSource
+    val: DataSource
+    test: Optional[DataSource] = None
+
+    def describe(self) -> str:
+        parts = [f"train {self.train.name} ({self.train.num_samples})", f"val {self.val.name} ({self.val.num_samples})"]
+        if self.test is not None:
+            parts.append(f"test {self.test.name} ({self.test.num_samples})")
+        return ", ".join(parts)
+
+
+def open_splits(
+    train,
+    val=None,
+    test=None,
+    *,
+    val_split: float = 0.0,
+    test_split: float = 0.0,
+    seed: int = 0,
+    preprocess: Preprocess = Preprocess(),
+    train_limit: Optional[int] = None,
+) -> Splits:
+    """Opens and checks the three splits. ``val_split``/``test_split`` carve VAL/TEST out of TRAIN (stratified,
+    seeded; TEST first, then VAL from the rest), replacing ``val``/``test``. ``train_limit`` then keeps a stratified
+    subset of what is left for training. Every split must have TRAIN's classes."""
+
+    def opened(spec):
+        if spec is None or isinstance(spec, DataSource):
+            return spec
+        return open_data(str(spec), preprocess)
+
+    tr = opened(train)
+    te = opened(test)
+    if test_split:
+        tr, te = tr.split(test_split, seed=seed, what="test")
+    va = opened(val)
+    if val_split:
+        tr, va = tr.split(val_split, seed=seed + 1, what="val")
+    if va is None:
+        raise UsageError("no validation data: give val (a data set) or val_split (a fraction of train)")
+    if train_limit:
+        tr = tr.subset(train_limit, seed=seed)
+    check_same_classes(tr, va)
+    check_same_classes(tr, te)
+    return Splits(tr, va, te)

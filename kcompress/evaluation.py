@@ -2,7 +2,11 @@
 
 Both kinds run on the same :class:`~kcompress.data.DataSource` pipeline (same preprocessing); ``.tflite`` files
 with integer I/O get their inputs quantized with the file's own scale and zero point (see :mod:`runtime`).
-Metrics are computed from the predictions in numpy, so Keras and TFLite numbers are comparable to the digit.
+Metrics are computed from the predictions with scikit-learn, so Keras and TFLite numbers are comparable to the digit.
+
+Whether a model outputs probabilities or logits is read once from its graph (:func:`output_kind`), never guessed
+from the values: dequantized int8 softmax rows do not sum to 1 (0.87-0.98 with 1000 classes), so a value test would
+apply softmax a second time. The kind travels with the :class:`Predictor` and the :class:`Evaluation`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,83 @@ from kcompress.progress import progress
 if TYPE_CHECKING:  # the data module imports TensorFlow; report readers use the metrics here without it
     from kcompress.data import DataSource
 
-__all__ = ["probabilities", "Predictor", "predictor", "Evaluation", "evaluate", "metrics_from_outputs", "compare"]
+__all__ = [
+    "PROBABILITIES",
+    "LOGITS",
+    "output_kind",
+    "probabilities",
+    "Predictor",
+    "predictor",
+    "Evaluation",
+    "evaluate",
+    "metrics_from_outputs",
+    "compare",
+    "test_figures",
+]
+
+PROBABILITIES, LOGITS = "probabilities", "logits"
+_SOFTMAX_NAMES = ("softmax", "softmax_v2")  # keras.activations.softmax, tf.nn.softmax
+_SOFTMAX_SYMBOLS = ("nn.softmax", "math.softmax")  # tf.nn.softmax applied in a functional model (TFOpLambda)
+
+
+def output_kind(model) -> Optional[str]:
+    """``"probabilities"`` when the model's output is a softmax, ``"logits"`` otherwise; ``None`` when the model has
+    no graph to read (a subclassed Keras model).
+
+    ``model``: a Keras model (tf_keras or Keras 3), a model path, or ``.tflite`` bytes. Keras: the layer that produces
+    ``model.outputs[0]`` (through nested models and pruning/QAT wrappers; not ``model.layers[-1]``, which need not
+    be the output layer) is a ``Softmax``, a layer with ``activation=softmax`` or ``tf.nn.softmax``. TFLite: the op
+    producing the output tensor is ``SOFTMAX``, possibly behind ``DEQUANTIZE``/``QUANTIZE``.
+    """
+    from kcompress.io import model_format
+
+    if isinstance(model, (bytes, bytearray)) or (isinstance(model, str) and model_format(model) == "tflite"):
+        from kcompress.litert.inspect import tflite_output_kind
+
+        return tflite_output_kind(model)
+    if isinstance(model, str):
+        from kcompress.io import load_model
+
+        model = load_model(model)
+    layer = _output_layer(model)
+    if layer is None:
+        return None
+    return PROBABILITIES if _is_softmax(layer) else LOGITS
+
+
+def _output_layer(model):
+    """The layer that produces the model's (first) output, looked up through nested models and wrappers."""
+    layer = model
+    for _ in range(1000):  # a graph is finite; this only guards against a malformed one
+        inner = getattr(layer, "layer", None)  # pruning / QAT wrappers hold the real layer
+        if inner is not None and not hasattr(layer, "layers"):
+            layer = inner
+            continue
+        if not hasattr(layer, "layers"):  # a plain layer
+            return layer
+        outputs = getattr(layer, "outputs", None)
+        if outputs:
+            history = getattr(outputs[0], "_keras_history", None)
+            if history is None:
+                return None
+            layer = history[0]  # (layer or operation, node_index, tensor_index)
+        elif type(layer).__name__ == "Sequential" and layer.layers:  # not built yet: its last layer is the output
+            layer = layer.layers[-1]
+        else:  # a subclassed model: no graph to read
+            return None
+    return None
+
+
+def _is_softmax(layer) -> bool:
+    if type(layer).__name__ == "Softmax":
+        return True
+    if getattr(layer, "symbol", None) in _SOFTMAX_SYMBOLS:
+        return True
+    for fn in (getattr(layer, "activation", None), getattr(layer, "function", None)):  # Dense/Activation, Lambda
+        fn = getattr(fn, "activation", fn)  # tfmot's QuantizeAwareActivation wraps the function
+        if getattr(fn, "__name__", None) in _SOFTMAX_NAMES:
+            return True
+    return False
 
 
 @dataclass
@@ -30,6 +110,7 @@ class Predictor:
     input_shape: tuple
     num_classes: int
     predict: Callable[[np.ndarray], np.ndarray]
+    output_kind: Optional[str] = None  # "probabilities" or "logits" (see output_kind); None: unknown
 
 
 def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = None) -> Predictor:
@@ -44,7 +125,7 @@ def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = 
         m = TFLiteModel(model_or_path, num_threads=num_threads, batch_size=batch_size)
         classes = int(m.output["shape"][-1])
         name = model_or_path if isinstance(model_or_path, str) else "<tflite>"
-        return Predictor(name, "tflite", m.input_shape, classes, m.predict)
+        return Predictor(name, "tflite", m.input_shape, classes, m.predict, output_kind(model_or_path))
     model = load_model(model_or_path) if isinstance(model_or_path, str) else ensure_tf_keras(model_or_path)
     name = model_or_path if isinstance(model_or_path, str) else model.name
 
@@ -55,7 +136,7 @@ def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = 
     def predict(x: np.ndarray) -> np.ndarray:
         return np.asarray(fn(tf.constant(x, tf.float32)), np.float32)
 
-    return Predictor(name, "keras", input_shape(model), num_classes(model), predict)
+    return Predictor(name, "keras", input_shape(model), num_classes(model), predict, output_kind(model))
 
 
 @dataclass(frozen=True)
@@ -65,6 +146,7 @@ class Evaluation:
     metrics: dict[str, Any]
     outputs: np.ndarray
     labels: np.ndarray
+    output_kind: Optional[str] = None  # what ``outputs`` hold: "probabilities" or "logits"; None: unknown
 
     @property
     def accuracy(self) -> float:
@@ -75,42 +157,60 @@ class Evaluation:
         return self.outputs.argmax(axis=1)
 
 
-def probabilities(outputs: np.ndarray) -> np.ndarray:
-    """Softmax when the outputs are logits (rows not already non-negative and summing to 1)."""
-    if outputs.size and np.all(outputs >= -1e-6) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-2):
+def probabilities(outputs: np.ndarray, kind: Optional[str] = None) -> np.ndarray:
+    """The outputs as probabilities: unchanged for ``kind="probabilities"``, softmax for ``kind="logits"``.
+
+    Pass the kind read from the graph (``Predictor.output_kind``, ``Evaluation.output_kind``): dequantized int8
+    softmax rows are probabilities that do not sum to 1, and they are not renormalized (that would inflate the
+    confidence). ``kind=None`` is only for raw arrays with no graph behind them: the outputs are then taken as
+    probabilities when they are non-negative and every row sums to 1 within 1e-2, else as logits.
+    """
+    if kind is None:
+        kind = (
+            PROBABILITIES
+            if outputs.size and np.all(outputs >= -1e-6) and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-2)
+            else LOGITS
+        )
+    if kind == PROBABILITIES:
         return outputs
+    if kind != LOGITS:
+        raise ValueError(f"output kind must be {PROBABILITIES!r} or {LOGITS!r}, got {kind!r}")
     z = outputs - outputs.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
-def metrics_from_outputs(outputs: np.ndarray, labels: np.ndarray, class_names) -> dict[str, Any]:
-    """top-1, top-5 (more than 5 classes), per-class accuracy, macro F1, confusion matrix, confidence."""
+def metrics_from_outputs(
+    outputs: np.ndarray, labels: np.ndarray, class_names, output_kind: Optional[str] = None
+) -> dict[str, Any]:
+    """top-1, top-5 (more than 5 classes), per-class recall, macro F1, confusion matrix, mean confidence.
+
+    Every class of the output counts (``labels=range(n_classes)``): macro F1 averages all of them, a class absent
+    from ``labels`` but predicted scoring 0; ``per_class_recall`` lists the classes present in ``labels`` (recall
+    is undefined for the others). ``output_kind`` is passed to :func:`probabilities` for the confidence.
+    """
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score, top_k_accuracy_score
+
     n_classes = outputs.shape[1]
+    classes = np.arange(n_classes)
     pred = outputs.argmax(axis=1)
-    cm = np.zeros((n_classes, n_classes), np.int64)
-    np.add.at(cm, (labels, pred), 1)
-    support = cm.sum(axis=1)
-    tp = np.diag(cm).astype(np.float64)
-    precision = np.divide(tp, cm.sum(axis=0), out=np.zeros(n_classes), where=cm.sum(axis=0) > 0)
-    recall = np.divide(tp, support, out=np.zeros(n_classes), where=support > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n_classes), where=precision + recall > 0)
-    present = support > 0
+    recall = recall_score(labels, pred, labels=classes, average=None, zero_division=0)
+    present = np.bincount(labels, minlength=n_classes)[:n_classes] > 0
     names = list(class_names) + [str(i) for i in range(len(class_names), n_classes)]
-    probs = probabilities(outputs)
+    probs = probabilities(outputs, output_kind)
     out: dict[str, Any] = {
         "num_samples": int(len(labels)),
-        "accuracy": float((pred == labels).mean()),
+        "accuracy": float(accuracy_score(labels, pred)),
         "top5_accuracy": None,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
-        "per_class_accuracy": {names[i]: float(recall[i]) for i in range(n_classes) if present[i]},
-        "confusion_matrix": cm.tolist(),
+        "macro_f1": float(f1_score(labels, pred, labels=classes, average="macro", zero_division=0)),
+        "per_class_recall": {names[i]: float(recall[i]) for i in range(n_classes) if present[i]},
+        "confusion_matrix": confusion_matrix(labels, pred, labels=classes).tolist(),
         "class_names": names[:n_classes],
         "mean_confidence": float(probs.max(axis=1).mean()),
+        "output_kind": output_kind,
     }
     if n_classes > 5:
-        top5 = np.argsort(-outputs, axis=1)[:, :5]
-        out["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=1).mean())
+        out["top5_accuracy"] = float(top_k_accuracy_score(labels, outputs, k=5, labels=classes))
     return out
 
 
@@ -147,23 +247,36 @@ def evaluate(
         raise KcompressError(f"{data.name}: the data set is empty")
     outputs = np.concatenate(outs)
     y = np.concatenate(labels).astype(np.int64)
-    return Evaluation(metrics_from_outputs(outputs, y, data.class_names), outputs, y)
+    kind = pred.output_kind
+    return Evaluation(metrics_from_outputs(outputs, y, data.class_names, kind), outputs, y, kind)
+
+
+def test_figures(models: dict, data: Optional[DataSource]) -> Optional[dict]:
+    """Accuracy of each of ``models`` (name -> model or .tflite) on TEST, the split that chose nothing; None
+    without TEST. ``{"split": "test", "data", "num_samples", "<name>_accuracy", ...}``."""
+    if data is None:
+        return None
+    out: dict[str, Any] = {"split": "test", "data": data.name, "num_samples": data.num_samples}
+    for name, model in models.items():
+        out[f"{name}_accuracy"] = evaluate(model, data, description=f"testing {name} (test)").accuracy
+    return out
 
 
 def compare(a: Evaluation, b: Evaluation) -> dict[str, Any]:
-    """How ``a`` differs from the reference ``b`` on the same samples: agreement, accuracy and per-class deltas."""
+    """How ``a`` differs from the reference ``b`` on the same samples: agreement, accuracy and per-class recall
+    deltas (most hurt first), confidence shift and the RMSE between the two models' probabilities."""
     if len(a.labels) != len(b.labels) or not np.array_equal(a.labels, b.labels):
         raise KcompressError("the two evaluations were not made on the same samples")
-    pa, pb = probabilities(a.outputs), probabilities(b.outputs)
+    pa, pb = probabilities(a.outputs, a.output_kind), probabilities(b.outputs, b.output_kind)
     per_class = {}
-    for name, acc in a.metrics["per_class_accuracy"].items():
-        ref = b.metrics["per_class_accuracy"].get(name)
+    for name, recall in a.metrics["per_class_recall"].items():
+        ref = b.metrics["per_class_recall"].get(name)
         if ref is not None:
-            per_class[name] = acc - ref
+            per_class[name] = recall - ref
     return {
         "agreement": float((a.predictions == b.predictions).mean()),
         "accuracy_delta": a.accuracy - b.accuracy,
-        "per_class_accuracy_delta": dict(sorted(per_class.items(), key=lambda kv: kv[1])),
+        "per_class_recall_delta": dict(sorted(per_class.items(), key=lambda kv: kv[1])),
         "mean_confidence_delta": float(pa.max(axis=1).mean() - pb.max(axis=1).mean()),
         "output_rmse": float(np.sqrt(np.mean((pa - pb) ** 2))),
     }

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from kcompress.errors import UsageError
 
-__all__ = ["LoadedModel", "as_model", "as_data", "preprocess_of", "as_tflite", "is_tflite", "resolve_options", "describe"]
+__all__ = ["LoadedModel", "as_model", "as_data", "as_splits", "preprocess_of", "as_tflite", "is_tflite", "resolve_options", "describe"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,24 @@ def as_data(data: Any, preprocess=None, what: str = "data"):
         return open_data(str(data), preprocess if preprocess is not None else Preprocess())
     raise UsageError(f"{what}: expected a path, a built-in data name or an opened data source, got "
                      f"{type(data).__name__}")
+
+
+def as_splits(train: Any, val: Any = None, test: Any = None, *, test_split: float = 0.0, seed: int = 0,
+              preprocess=None):
+    """``(train, val, test)`` DataSources for the API's techniques: ``test_split`` carves TEST out of TRAIN
+    (stratified, seeded) instead of ``test``; VAL and TEST must have TRAIN's classes. ``val``/``test`` may be None."""
+    from kcompress.data import check_same_classes
+
+    tr = as_data(train, preprocess, "train")
+    va = as_data(val, preprocess, "val") if val is not None else None
+    te = as_data(test, preprocess, "test") if test is not None else None
+    if test_split:
+        if te is not None:
+            raise UsageError("give test data or test_split, not both")
+        tr, te = tr.split(test_split, seed=seed, what="test")
+    check_same_classes(tr, va)
+    check_same_classes(tr, te)
+    return tr, va, te
 
 
 def as_tflite(model: Any) -> bytes:

@@ -219,8 +219,12 @@ def _at_least(key: str, value, low) -> None:
 @dataclass(frozen=True)
 class DataOptions(Options):
     train: str = _f("digits:train", "training data: image folder, .npz (x, y) or built-in name")
-    val: str = _f("digits:val", "validation data: chooses (best epoch, PTQ vs QAT); every stage is validated on it")
-    train_limit: Optional[int] = _f(None, "train on a random subset of this many samples (quick experiments)")
+    val: str = _f("digits:val", "validation data (VAL): chooses the best epoch, PTQ vs QAT, float layers; the gates "
+                               "check it")
+    test: Optional[str] = _f(None, "test data (TEST): reported only, chooses nothing; the final table leads with it")
+    val_split: float = _f(0.0, "instead of val: carve this fraction of train out as VAL (stratified, seeded)")
+    test_split: float = _f(0.0, "instead of test: carve this fraction of train out as TEST (stratified, seeded)")
+    train_limit: Optional[int] = _f(None, "train on a stratified random subset of this many samples (quick runs)")
     scale: float = _f(1.0, "inputs are multiplied by this (a fraction such as 1/255 is fine)")
     offset: float = _f(0.0, "then this is added")
     mean: tuple[float, ...] = _f((0.0,), "then subtracted (one value, or one per channel: 123.7,116.3,103.5)")
@@ -228,6 +232,13 @@ class DataOptions(Options):
 
     def _check(self) -> None:
         _at_least("train_limit", self.train_limit, 1)
+        for key in ("val_split", "test_split"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise OptionError(key, "must be a fraction in [0, 1)")
+        if self.val_split + self.test_split >= 1.0:
+            raise OptionError("val_split", "val_split + test_split must leave some training data")
+        if self.test_split and self.test:
+            raise OptionError("test_split", "give test or test_split, not both")
         if any(s == 0 for s in self.std):
             raise OptionError("std", "must not be 0")
 
@@ -236,6 +247,14 @@ class DataOptions(Options):
         from kcompress.data import Preprocess
 
         return Preprocess(scale=self.scale, offset=self.offset, mean=self.mean, std=self.std)
+
+    def open(self, seed: int = 0):
+        """The opened and checked :class:`kcompress.data.Splits` these settings describe."""
+        from kcompress.data import open_splits
+
+        return open_splits(self.train, None if self.val_split else self.val, self.test, val_split=self.val_split,
+                           test_split=self.test_split, seed=seed, preprocess=self.preprocess(),
+                           train_limit=self.train_limit)
 
 
 @dataclass(frozen=True)
@@ -433,7 +452,9 @@ class BenchmarkOptions(Options):
     batch_sizes: tuple[int, ...] = _f((1,), "batch sizes to time")
     runs: int = _f(100, "timed runs per configuration")
     warmup: int = _f(10, "warm-up runs, not timed")
+    trials: int = _f(5, "repeated trials of RUNS timed runs each; the p50 is reported with its range over them")
 
     def _check(self) -> None:
         _at_least("runs", self.runs, 1)
         _at_least("warmup", self.warmup, 0)
+        _at_least("trials", self.trials, 1)

@@ -23,11 +23,9 @@ def strategy():
 
 def compile_classifier(model, lr: float = 1e-3) -> None:
     """Adam + sparse categorical cross-entropy; ``from_logits`` follows whether the model ends in softmax."""
-    last = model.layers[-1]
-    last = getattr(last, "layer", last)  # pruning/quantization wrappers hold the real layer
-    from_logits = getattr(getattr(last, "activation", None), "__name__", "") != "softmax" and not isinstance(
-        last, keras.layers.Softmax
-    )
+    from kcompress.evaluation import PROBABILITIES, output_kind
+
+    from_logits = output_kind(model) != PROBABILITIES  # read from the layer producing the output
     model.compile(
         optimizer=keras.optimizers.Adam(lr),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),

@@ -95,10 +95,12 @@ COMMANDS = {
     PruneOptions: ("prune", {"enabled": "pipeline only"}),
     BaselineOptions: ("baseline", {}),
     BenchmarkOptions: ("bench", {}),
-    DataOptions: ("quantize", {"train": "--data", "val": "--val-data", "train_limit": "pipeline only"}),
+    DataOptions: ("quantize", {"train": "--data", "val": "--val-data", "train_limit": "pipeline only",
+                               "test": "--test-data", "val_split": "pipeline only (give --val-data)"}),
 }
 CLI_ONLY = {"data", "data_spec", "val_data", "val_spec", "out", "overwrite", "as_json", "limit", "seed", "model",
-            "model_path", "models", "teacher", "resume", "per_tensor", "keras_out", "scale", "offset", "mean", "std"}
+            "model_path", "models", "teacher", "resume", "per_tensor", "keras_out", "scale", "offset", "mean", "std",
+            "test_data", "test_split"}  # the data section's test and test_split
 
 
 def _command(name):

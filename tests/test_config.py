@@ -63,3 +63,21 @@ def test_defaults_yaml_documents_every_key_and_loads_back():
     raw = yaml.safe_load(text)
     raw["model"]["path"] = "m.keras"
     assert config_from_dict(raw) == config_from_dict({"model": {"path": "m.keras"}})
+
+
+@pytest.mark.parametrize("name", ["ptq_only.yaml", "qat.yaml"])
+def test_shipped_config_runs_on_a_real_model(name, cnn_path, tmp_path):
+    """The shipped configs as a user runs them: model.path replaced, everything else as shipped."""
+    from kcompress.litert.interpreter import TFLiteModel
+    from kcompress.pipeline.runner import execute
+
+    cfg, _ = load_config(os.path.join(ROOT, "configs", name), [f"model.path={cnn_path}", "qat.epochs=1",
+                                                                "benchmark.runs=5", "benchmark.threads=[1]"])
+    records = execute(cfg, str(tmp_path / "run"), log=lambda m: None)
+    assert [r.stage for r in records] == ["baseline", "quantize", "benchmark"]
+    q = records[1].metrics
+    assert q["method"] == ("ptq" if name == "ptq_only.yaml" else q["method"])
+    if name == "qat.yaml":
+        assert q.get("qat_accuracy") is not None  # qat: always ran QAT, whichever was kept
+    assert TFLiteModel(records[1].model_path).input_dtype.__name__ == "int8"
+    assert records[0].metrics["accuracy"] - q["accuracy"] <= 0.01 + cfg.quantize.max_drop / 100

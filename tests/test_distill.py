@@ -161,6 +161,12 @@ def test_early_stopping_and_resume(teacher, digits, tmp_path):
     with pytest.raises(KcompressError, match="settings differ"):
         distill(teacher, 0.5, train, val, DistillOptions(epochs=3, alpha=0.9), verbose=0, checkpoint_dir=ckpt,
                 resume=True)
+    # nothing left to train: the student comes back from the checkpoint with exactly the first run's best weights
+    # (a freshly derived student would not; its initial weights differ)
+    same = distill(teacher, 0.5, train, val, DistillOptions(epochs=2), verbose=0, checkpoint_dir=ckpt, resume=True)
+    fresh = distill(teacher, 0.5, train, val, DistillOptions(epochs=1, lr=1e-12), verbose=0)
+    assert all(np.array_equal(a, b) for a, b in zip(same.student.get_weights(), first.student.get_weights()))
+    assert not all(np.array_equal(a, b) for a, b in zip(fresh.student.get_weights(), first.student.get_weights()))
     resumed = distill(teacher, 0.5, train, val, DistillOptions(epochs=3), verbose=0, checkpoint_dir=ckpt, resume=True)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == first.history

@@ -162,7 +162,9 @@ def test_flops_target_reached_and_model_converts(build, tmp_path):
              "mobilenetv2": lambda: mobilenetv2(alpha=0.35)}[build]()
     res = prune_structured(model, None, None, PruneOptions(target_flops=0.4, epochs=0))
     new = res.model
-    drop = 1 - count_macs(new) / count_macs(model)
+    from conftest import profiler_macs  # TensorFlow's count, not the pruner's own counter
+
+    drop = 1 - profiler_macs(new) / profiler_macs(model)
     assert abs(drop - 0.4) <= 0.05, drop
     assert res.params_after < res.params_before and res.groups
     assert len(convert(new)) > 0  # convert() loads and invokes the .tflite once
@@ -186,7 +188,9 @@ def test_rounds_fine_tune_and_criteria(trained, digits):
                                                                lr=1e-3), verbose=0)
     assert [r["round"] for r in res.rounds] == [1, 2] and all("val_accuracy" in r for r in res.rounds)
     assert 0.45 <= res.flops_reduction <= 0.65  # a tiny model: one channel is several points of its FLOPs
-    assert res.accuracy_after > 0.5
+    # half the FLOPs of a 4-layer net, two short fine-tuning rounds: within 5 points of the unpruned model on VAL
+    assert res.accuracy_before > 0.9 and res.accuracy_after >= res.accuracy_before - 0.05, (res.accuracy_before,
+                                                                                             res.accuracy_after)
     # bn criterion: channels whose BN gamma is zero go first
     model = keras.models.clone_model(trained)
     model.set_weights(trained.get_weights())
@@ -235,7 +239,9 @@ def test_cli_structured_end_to_end(model_file, tmp_path):
                                     "-o", out2])
     assert r.exit_code == 0, r.output
     assert "conv1: 8 ->" in r.output and "latency" in r.output and "MFLOPs" in r.output
-    assert count_macs(load_model(out2)) < 0.56 * count_macs(load_model(model_file))
+    from conftest import profiler_macs  # TensorFlow's count, not the pruner's own counter
+
+    assert profiler_macs(load_model(out2)) < 0.56 * profiler_macs(load_model(model_file))
 
 
 def test_cli_usage_errors(model_file):
@@ -263,6 +269,8 @@ def test_separable_model_with_every_criterion(criterion, digits):
     bn.gamma.assign(np.random.default_rng(0).uniform(0.1, 1.0, bn.gamma.shape).astype(np.float32))
     new, _ = prune_once(model, PruneOptions(target_flops=0.4, criterion=criterion),
                         target_macs=int(0.6 * count_macs(model)), data=digits[0])
-    assert abs(1 - count_macs(new) / count_macs(model) - 0.4) <= 0.05
+    from conftest import profiler_macs  # TensorFlow's count, not the pruner's own counter
+
+    assert abs(1 - profiler_macs(new) / profiler_macs(model) - 0.4) <= 0.05
     assert new.get_layer("sep").filters < 16 and new.get_layer("head").kernel.shape[0] == new.get_layer("sep").filters
     assert len(convert(new)) > 0

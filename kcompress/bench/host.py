@@ -1,35 +1,58 @@
 """Host latency, throughput and memory of ``.tflite`` files (LiteRT interpreter) and Keras models.
 
-Latency is wall time of ``invoke`` (or of the Keras call) for one batch, warm-up runs excluded, inputs prepared
-beforehand (preprocessing not included). Memory is the process's peak resident set while the model is loaded and
-run: on Linux the kernel's high-water mark is reset first (``/proc/self/clear_refs``), elsewhere the
-process-lifetime peak is reported and marked so. Results use the shared schema of :mod:`kcompress.results`.
+Each ``.tflite`` is measured in a child process (``python -m kcompress.bench.host``) that imports only numpy,
+the LiteRT interpreter and this TensorFlow-free module, never TensorFlow: the caller's process usually holds
+TensorFlow (hundreds of MB, its own thread pools), which would swamp the memory figure and compete with the
+timed threads. The child records its resident set after the imports, loads the model, allocates the tensors,
+runs the inferences and reports its peak resident set and the increase over the post-import baseline; latency is
+timed in the same child, on the same interpreter.
+
+Latency is wall time of ``invoke`` for one batch, warm-up runs excluded, inputs prepared beforehand (quantized
+for int8 I/O, so preprocessing is not included). It is measured in ``trials`` trials of ``runs`` runs; when
+several models are measured together their trials are interleaved (A1 B1 A2 B2 ...), so a slow spell of the host
+hits every model alike and trial i of two models forms a pair for speed-up ratios (:func:`~kcompress.bench.schema
+.speedup`). Results use the shared schema of :mod:`kcompress.bench.schema`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
 import numpy as np
 
-from kcompress.bench.schema import BenchReport, BenchResult, host_target, latency_stats
-from kcompress.litert.interpreter import TFLiteModel
+from kcompress.bench.schema import BenchReport, BenchResult, Spread, host_target, latency_stats
+from kcompress.errors import KcompressError
 
-__all__ = ["bench_tflite", "bench_keras", "bench_report", "rss_mb", "reset_peak_rss", "peak_rss_mb"]
+__all__ = ["bench_tflite", "bench_tflite_many", "bench_keras", "bench_report", "rss_mb", "reset_peak_rss",
+           "peak_rss_mb"]
+
+DEFAULT_TRIALS = 5
 
 
+# ------------------------------------------------------------------------------------------------ memory readings
 def rss_mb() -> Optional[float]:
+    """This process's resident set now (Linux), else None."""
     return _status_mb("VmRSS")
 
 
 def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident set: the kernel's high-water mark (Linux), else ``ru_maxrss``, which is
+    kilobytes on Linux and bytes on macOS."""
     peak = _status_mb("VmHWM")
     if peak is None:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        try:
+            import resource
+        except ImportError:  # Windows
+            return None
+        raw = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = raw / 2**20 if sys.platform == "darwin" else raw / 1024.0
     return peak
 
 
@@ -54,12 +77,6 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def _memory(exact: bool, before: Optional[float], peak: Optional[float]) -> dict:
-    """``peak_rss``, and ``rss_increase`` over the resident set before loading when the peak could be reset."""
-    known = exact and peak is not None and before is not None
-    return {"peak_rss": peak, "rss_increase": (peak - before) if known else None}
-
-
 def _time_runs(run, warmup: int, runs: int) -> list[float]:
     for _ in range(warmup):
         run()
@@ -71,6 +88,165 @@ def _time_runs(run, warmup: int, runs: int) -> list[float]:
     return times
 
 
+def _trial_fields(trials: list[list[float]], batch_size: int) -> dict:
+    """``latency_ms`` (every run pooled), ``throughput_per_s`` and the ``extra`` keys of repeated trials."""
+    stats = latency_stats([t for trial in trials for t in trial])
+    per_trial = [latency_stats(t) for t in trials]
+    return {
+        "latency_ms": stats,
+        "throughput_per_s": batch_size / (stats.mean / 1000.0) if stats.mean > 0 else None,
+        "extra": {"trials": [dataclasses.asdict(s) for s in per_trial],
+                  "p50_interval_ms": Spread.of([s.p50 for s in per_trial]).to_dict()},
+    }
+
+
+# ---------------------------------------------------------------------------------------- the child (TF-free)
+def _child_main() -> None:
+    """One model in this process: a line of JSON settings in, a line of JSON out per command (``{"runs": N,
+    "warmup": W}`` times one trial after W untimed runs; end of input or ``{}`` reports memory and exits)."""
+    import ai_edge_litert.interpreter  # noqa: F401  (the import is part of the baseline, not of the model)
+
+    from kcompress.litert.interpreter import TFLiteModel
+
+    baseline = rss_mb()
+    if baseline is None:  # no /proc: the peak so far is the resident set after the imports, near enough
+        baseline = peak_rss_mb()
+
+    def send(obj: dict) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    spec = json.loads(sys.stdin.readline())
+    t0 = time.perf_counter()
+    try:
+        model = TFLiteModel(spec["model"], num_threads=spec["threads"], batch_size=spec["batch_size"])
+    except KcompressError as e:
+        send({"error": str(e)})
+        return
+    init_ms = (time.perf_counter() - t0) * 1000.0
+    rng = np.random.default_rng(0)
+    model.set_raw_input(model.prepare(rng.uniform(0, 1, (model.batch_size, *model.input_shape)).astype(np.float32)))
+    t0 = time.perf_counter()
+    model.invoke()
+    first_ms = (time.perf_counter() - t0) * 1000.0
+    for _ in range(spec["warmup"]):
+        model.invoke()
+    send({"init_ms": init_ms, "first_inference_ms": first_ms, "delegation": model.delegation(),
+          "io": {"input": np.dtype(model.input_dtype).name, "output": np.dtype(model.output_dtype).name},
+          "tensorflow_imported": "tensorflow" in sys.modules})
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if not cmd.get("runs"):
+            break
+        send({"times_ms": _time_runs(model.invoke, int(cmd.get("warmup", 0)), int(cmd["runs"]))})
+    peak = peak_rss_mb()
+    send({"baseline_rss": baseline, "peak_rss": peak,
+          "rss_increase": peak - baseline if peak is not None and baseline is not None else None})
+
+
+class _Child:
+    """The parent's handle on one child process."""
+
+    def __init__(self, path: str):
+        import kcompress
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(kcompress.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        self.path = path
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-m", "kcompress.bench.host"], cwd=root, env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
+
+    def ask(self, cmd: dict) -> dict:
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the child is gone; readline says why
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.stderr.seek(0)
+            tail = self.stderr.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise KcompressError(f"the benchmark process for {self.path} exited with code {self.proc.returncode}"
+                                 + (": " + " / ".join(tail) if tail else ""))
+        reply = json.loads(line)
+        if "error" in reply:
+            raise KcompressError(reply["error"])
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout, self.stderr):
+            f.close()
+
+
+def bench_tflite_many(
+    models: Sequence,
+    threads: int = 1,
+    batch_size: int = 1,
+    runs: int = 50,
+    warmup: int = 10,
+    trials: int = DEFAULT_TRIALS,
+    names: Optional[Sequence[Optional[str]]] = None,
+) -> list[BenchResult]:
+    """Several ``.tflite`` files (paths or bytes) in one configuration, each in its own LiteRT-only child
+    process, their ``trials`` trials of ``runs`` runs interleaved. One :class:`BenchResult` per model, in order."""
+    if runs < 1 or trials < 1 or warmup < 0:
+        raise ValueError("runs and trials must be at least 1, warmup at least 0")
+    names = list(names or [None] * len(models))
+    paths, sizes, temps, children = [], [], [], []
+    try:
+        for m in models:
+            if isinstance(m, (bytes, bytearray)):
+                with tempfile.NamedTemporaryFile(suffix=".tflite", delete=False) as f:
+                    f.write(bytes(m))
+                temps.append(f.name)
+                paths.append(f.name)
+            else:
+                paths.append(os.path.abspath(str(m)))
+            sizes.append(os.path.getsize(paths[-1]))
+        children = [_Child(p) for p in paths]  # interpreters start in parallel, load one after the other
+        setup = [c.ask({"model": p, "threads": threads, "batch_size": batch_size, "warmup": warmup})
+                 for c, p in zip(children, paths)]
+        times: list[list[list[float]]] = [[] for _ in children]
+        rewarm = min(warmup, 2)  # the caches the other models' trials took over
+        for _ in range(trials):
+            for i, c in enumerate(children):
+                times[i].append(c.ask({"runs": runs, "warmup": rewarm})["times_ms"])
+        memory = [c.ask({}) for c in children]
+    finally:
+        for c in children:
+            c.close()
+        for t in temps:
+            os.unlink(t)
+    results = []
+    for model, size, name, s, t, mem in zip(models, sizes, names, setup, times, memory):
+        fields = _trial_fields(t, batch_size)
+        d = s["delegation"]
+        results.append(BenchResult(
+            model=name or (str(model) if not isinstance(model, (bytes, bytearray)) else "<tflite>"),
+            runtime="litert-python",
+            threads=threads,
+            batch_size=batch_size,
+            delegate=d["delegate"],
+            model_bytes=size,
+            warmup_runs=warmup,
+            latency_ms=fields["latency_ms"],
+            throughput_per_s=fields["throughput_per_s"],
+            init_ms=s["init_ms"],
+            first_inference_ms=s["first_inference_ms"],
+            memory_mb={**mem, "arena": None},
+            delegate_coverage=d if d["partitions"] else None,
+            extra={**fields["extra"], "io": s["io"], "runs_per_trial": runs,
+                   "memory_scope": "child process: LiteRT interpreter only",
+                   "tensorflow_imported": s["tensorflow_imported"]},
+        ))
+    return results
+
+
 def bench_tflite(
     path_or_bytes,
     threads: int = 1,
@@ -78,42 +254,18 @@ def bench_tflite(
     runs: int = 50,
     warmup: int = 10,
     name: Optional[str] = None,
+    trials: int = DEFAULT_TRIALS,
 ) -> BenchResult:
-    """One configuration of a ``.tflite`` in the LiteRT interpreter (XNNPACK on CPU, the interpreter's default)."""
-    exact = reset_peak_rss()
-    before = rss_mb()
-    t0 = time.perf_counter()
-    model = TFLiteModel(path_or_bytes, num_threads=threads, batch_size=batch_size)
-    init_ms = (time.perf_counter() - t0) * 1000.0
-    rng = np.random.default_rng(0)
-    x = model.prepare(rng.uniform(0, 1, (batch_size, *model.input_shape)).astype(np.float32))
-    model.set_raw_input(x)
-    t0 = time.perf_counter()
-    model.invoke()
-    first_ms = (time.perf_counter() - t0) * 1000.0
-    times = _time_runs(model.invoke, warmup, runs)
-    stats = latency_stats(times)
-    peak = peak_rss_mb()
-    size = len(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else os.path.getsize(path_or_bytes)
-    return BenchResult(
-        model=name or (path_or_bytes if isinstance(path_or_bytes, str) else "<tflite>"),
-        runtime="litert-python",
-        threads=threads,
-        batch_size=batch_size,
-        delegate="xnnpack",
-        model_bytes=size,
-        warmup_runs=warmup,
-        latency_ms=stats,
-        throughput_per_s=batch_size / (stats.mean / 1000.0) if stats.mean > 0 else None,
-        init_ms=init_ms,
-        first_inference_ms=first_ms,
-        memory_mb=_memory(exact, before, peak),
-        extra={"peak_rss_is_process_lifetime": not exact},
-    )
+    """One configuration of a ``.tflite`` in the LiteRT interpreter, in a child process (module docstring). The
+    interpreter applies XNNPACK where it can; ``delegate`` records what actually ran."""
+    return bench_tflite_many([path_or_bytes], threads, batch_size, runs, warmup, trials, [name])[0]
 
 
-def bench_keras(model, batch_size: int = 1, runs: int = 30, warmup: int = 5, name: Optional[str] = None) -> BenchResult:
-    """Latency of a compiled (``tf.function``) Keras forward pass. TensorFlow picks its own thread count."""
+def bench_keras(model, batch_size: int = 1, runs: int = 30, warmup: int = 5, name: Optional[str] = None,
+                trials: int = DEFAULT_TRIALS) -> BenchResult:
+    """Latency of a compiled (``tf.function``) Keras forward pass, in this process (TensorFlow picks its own thread
+    count). Memory is this whole TensorFlow process's: the peak since a reset of the kernel's mark (Linux), else
+    the process-lifetime peak."""
     from kcompress.backend import tf
     from kcompress.modelinfo import input_shape
 
@@ -125,9 +277,10 @@ def bench_keras(model, batch_size: int = 1, runs: int = 30, warmup: int = 5, nam
     t0 = time.perf_counter()
     fn(x).numpy()
     first_ms = (time.perf_counter() - t0) * 1000.0
-    times = _time_runs(lambda: fn(x).numpy(), warmup, runs)
-    stats = latency_stats(times)
+    _time_runs(lambda: fn(x).numpy(), warmup, 0)
+    fields = _trial_fields([_time_runs(lambda: fn(x).numpy(), 0, runs) for _ in range(trials)], batch_size)
     peak = peak_rss_mb()
+    known = exact and peak is not None and before is not None
     return BenchResult(
         model=name or model.name,
         runtime="keras",
@@ -135,10 +288,12 @@ def bench_keras(model, batch_size: int = 1, runs: int = 30, warmup: int = 5, nam
         batch_size=batch_size,
         delegate="tensorflow",
         warmup_runs=warmup,
-        latency_ms=stats,
-        throughput_per_s=batch_size / (stats.mean / 1000.0) if stats.mean > 0 else None,
+        latency_ms=fields["latency_ms"],
+        throughput_per_s=fields["throughput_per_s"],
         first_inference_ms=first_ms,
-        memory_mb=_memory(exact, before, peak),
+        memory_mb={"peak_rss": peak, "rss_increase": (peak - before) if known else None},
+        extra={**fields["extra"], "runs_per_trial": runs, "peak_rss_is_process_lifetime": not exact,
+               "memory_scope": "this process, TensorFlow included"},
     )
 
 
@@ -148,13 +303,12 @@ def bench_report(
     batch_sizes: Sequence[int] = (1,),
     runs: int = 50,
     warmup: int = 10,
+    trials: int = DEFAULT_TRIALS,
 ) -> BenchReport:
-    """Every model x threads x batch size, on this host."""
-    results = []
-    for path in paths:
-        for t in threads:
-            for b in batch_sizes:
-                results.append(bench_tflite(path, threads=t, batch_size=b, runs=runs, warmup=warmup))
+    """Every model x threads x batch size, on this host; the models' trials interleaved per configuration. Results
+    are ordered model, then threads, then batch size."""
+    by_config = {(t, b): bench_tflite_many(paths, t, b, runs, warmup, trials) for t in threads for b in batch_sizes}
+    results = [by_config[t, b][i] for i in range(len(paths)) for t in threads for b in batch_sizes]
     return BenchReport(target=host_target(**versions()), results=tuple(results))
 
 
@@ -169,3 +323,7 @@ def versions() -> dict[str, str]:
             pass
     out["omp_threads"] = os.environ.get("OMP_NUM_THREADS", "")
     return out
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -4,6 +4,13 @@ One JSON document: ``{"schema": "kcompress.bench/1", "kcompress_version", "creat
 "results": [BenchResult, ...]}``. ``target`` describes where it ran (``kind`` is ``host`` or ``android``); each
 result is one model x threads x batch size x delegate combination. Fields a runner cannot measure are ``null``,
 never guessed. This module imports no TensorFlow, so device tools and report readers stay light.
+
+Repeated trials (host runs): ``latency_ms`` pools every timed run of every trial; ``extra["trials"]`` holds each
+trial's own statistics and ``extra["p50_interval_ms"]`` (``{"median", "low", "high", "trials"}``) the median of
+the trials' p50s and their range. They live in ``extra`` so that every ``kcompress.bench/1`` reader, older
+ones included, loads new documents; :attr:`BenchResult.trials` and :attr:`BenchResult.p50_interval` read them and
+fall back to one trial (``latency_ms.p50``) for documents written before trials existed. Speed-ups between two
+models are :class:`SpeedUp` intervals (:func:`speedup`), never a bare ratio of two single runs.
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ from kcompress import __version__
 __all__ = [
     "SCHEMA",
     "LatencyStats",
+    "Spread",
+    "SpeedUp",
     "BenchResult",
     "BenchReport",
     "latency_stats",
+    "speedup",
+    "clearly_slower",
     "host_target",
     "load_report",
     "json_clean",
@@ -45,6 +56,9 @@ class LatencyStats:
     p50: float
     p95: float
     p99: float
+
+
+_STATS = tuple(f.name for f in dataclasses.fields(LatencyStats))
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -74,14 +88,95 @@ def latency_stats(times_ms: list[float]) -> LatencyStats:
     )
 
 
+def _median(values: list[float]) -> float:
+    return _percentile(sorted(values), 50)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One statistic over repeated trials: the median of the trials' values and their range ``low..high``."""
+
+    median: float
+    low: float
+    high: float
+    trials: int
+
+    @classmethod
+    def of(cls, values) -> "Spread":
+        values = [float(v) for v in values]
+        if not values:
+            raise ValueError("a spread needs at least one value")
+        return cls(median=_median(values), low=min(values), high=max(values), trials=len(values))
+
+    def contains(self, value: float) -> bool:
+        return self.low <= value <= self.high
+
+    def overlaps(self, other: "Spread") -> bool:
+        return self.low <= other.high and other.low <= self.high
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SpeedUp:
+    """How many times faster ``new`` ran than ``base``: ``median`` of the per-trial ratios base p50 / new p50 and
+    their range ``low..high``. ``paired``: trial i of one model was timed next to trial i of the other (interleaved
+    trials), so ratio i compares like with like; otherwise every trial of one is divided by every trial of the
+    other. Above 1 the new model is faster."""
+
+    median: float
+    low: float
+    high: float
+    trials: int
+    paired: bool
+
+    def text(self) -> str:
+        """``"1.85x (1.70-1.95x, 5 trials)"``: the ratio is never printed without its interval."""
+        n = f"{self.trials} trial{'s' if self.trials != 1 else ''}"
+        return f"{self.median:.2f}x ({self.low:.2f}-{self.high:.2f}x, {n})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def speedup(base_p50s, new_p50s, paired: Optional[bool] = None) -> SpeedUp:
+    """Speed-up of ``new`` over ``base`` from their trials' p50 latencies (see :class:`SpeedUp`). ``paired`` (default:
+    equal counts) gives ratio i = base[i] / new[i], for trials timed interleaved; otherwise every pairwise ratio,
+    for models timed at different times."""
+    base, new = [float(v) for v in base_p50s], [float(v) for v in new_p50s]
+    if not base or not new or min(base + new) <= 0:
+        raise ValueError("speed-up needs at least one positive p50 per model")
+    if paired is None:
+        paired = len(base) == len(new)
+    elif paired and len(base) != len(new):
+        raise ValueError(f"paired trials need equal counts, got {len(base)} and {len(new)}")
+    ratios = [b / n for b, n in zip(base, new)] if paired else [b / n for b in base for n in new]
+    s = Spread.of(ratios)
+    return SpeedUp(median=s.median, low=s.low, high=s.high, trials=min(len(base), len(new)), paired=paired)
+
+
+def clearly_slower(base_p50s, new_p50s, margin: float = 1.0) -> bool:
+    """``new`` is slower than ``base`` beyond the noise: its trial p50s all lie above ``base``'s (the two ranges
+    do not overlap) and its median p50 is at least ``margin`` times ``base``'s."""
+    base, new = Spread.of(base_p50s), Spread.of(new_p50s)
+    return new.low > base.high and new.median >= base.median * margin
+
+
 @dataclass(frozen=True)
 class BenchResult:
     """One measured configuration.
 
     ``throughput_per_s`` counts samples (batch_size / mean latency). ``memory_mb`` keys: ``peak_rss`` (host:
-    peak resident set of the process while the model ran), ``rss_increase`` (peak minus the resident set before
-    the model was loaded), ``init``/``overall`` (device: benchmark_model's footprint), ``peak_periodic`` (device:
-    periodic monitoring). ``delegate_coverage``: ``{"delegate", "replaced_nodes", "total_nodes"}``.
+    peak resident set of a child process that imports only the LiteRT interpreter and runs the model; for Keras
+    models the whole TensorFlow process, see ``extra["memory_scope"]``), ``rss_increase`` (peak minus the resident
+    set before the model was loaded: after the child's imports), ``baseline_rss`` (that resident set), ``arena``
+    (the interpreter's tensor arena; null: ``ai_edge_litert`` does not expose it), ``init``/``overall`` (device:
+    benchmark_model's footprint), ``peak_periodic`` (device: periodic monitoring). ``delegate`` is what ran the
+    graph (host: read from the interpreter; ``cpu`` is the builtin kernels, no delegate). ``delegate_coverage``:
+    ``{"delegate", "replaced_nodes", "total_nodes", "partitions"}``. Host ``extra`` keys: ``trials``,
+    ``p50_interval_ms`` (module docstring), ``io`` (``{"input", "output"}`` dtypes of the timed model: an int8
+    model with int8 I/O is timed without the float<->int8 conversion a float-I/O model includes).
     """
 
     model: str
@@ -104,11 +199,35 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def trials(self) -> tuple[LatencyStats, ...]:
+        """Each trial's statistics (host runs with repeated trials), else empty."""
+        return tuple(LatencyStats(**t) for t in self.extra.get("trials") or ())
+
+    @property
+    def trial_p50s(self) -> tuple[float, ...]:
+        """The trials' p50s; one value (the pooled p50) for results without trials, none without latency."""
+        if self.trials:
+            return tuple(t.p50 for t in self.trials)
+        return (self.latency_ms.p50,) if self.latency_ms is not None else ()
+
+    @property
+    def p50_interval(self) -> Optional[Spread]:
+        """Median of the trials' p50s and their range (one trial for results written without trials)."""
+        p = self.extra.get("p50_interval_ms")
+        if p:
+            return Spread(**p)
+        return Spread.of(self.trial_p50s) if self.trial_p50s else None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BenchResult":
         d = dict(d)
         if d.get("latency_ms") is not None:
-            d["latency_ms"] = LatencyStats(**d["latency_ms"])
+            d["latency_ms"] = LatencyStats(**{k: d["latency_ms"][k] for k in _STATS})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = {k: d.pop(k) for k in list(d) if k not in known}  # written by a newer kcompress: kept, not lost
+        if unknown:
+            d["extra"] = {**unknown, **(d.get("extra") or {})}
         return cls(**d)
 
 

@@ -31,6 +31,8 @@ __all__ = [
     "flag_name",
     "build",
     "preprocess_options",
+    "test_options",
+    "print_test",
     "preprocess",
     "int_list",
     "default_out",
@@ -145,6 +147,23 @@ def preprocess_options(fn):
     for name in reversed(("scale", "offset", "mean", "std")):
         fn = option(DataOptions, name)(fn)
     return fn
+
+
+def test_options(fn):
+    """--test-data / --test-split: TEST, the split that chooses nothing and is only reported."""
+    fn = click.option("--test-split", type=float, default=0.0, show_default=True,
+                      help="Instead of --test-data: carve this fraction of --data out as TEST (stratified, seeded); "
+                           "it is then not trained on.")(fn)
+    return click.option("--test-data", default=None,
+                        help="Test data (TEST): measured after the work is done, chooses nothing.")(fn)
+
+
+def print_test(figures: Optional[dict], names: Sequence[str]) -> None:
+    """One line with each model's TEST accuracy, when there was TEST."""
+    if not figures:
+        return
+    parts = ", ".join(f"{n} {pct(figures[f'{n}_accuracy'])}" for n in names)
+    click.echo(f"TEST ({figures['data']}, {figures['num_samples']} samples, chose nothing): {parts}")
 
 
 def preprocess(kw: dict):

@@ -8,7 +8,17 @@ import sys
 import click
 
 from kcompress.cli import handle_errors
-from kcompress.cli.console import build, option, pct, preprocess, preprocess_options, print_json, wrote
+from kcompress.cli.console import (
+    build,
+    option,
+    pct,
+    preprocess,
+    preprocess_options,
+    print_json,
+    print_test,
+    test_options,
+    wrote,
+)
 from kcompress.options import DistillOptions
 
 __all__ = ["distill_cmd", "default_output"]
@@ -23,7 +33,8 @@ def default_output(teacher_path: str) -> str:
 @click.command("distill")
 @click.option("--teacher", required=True, help="The trained teacher model (SavedModel folder, .keras or .h5).")
 @click.option("--data", required=True, help="Training data: image folder, .npz (x, y) or built-in name.")
-@click.option("--val-data", default=None, help="Validation data: teacher check, VAL accuracy, best epoch.")
+@click.option("--val-data", default=None, help="Validation data (VAL): teacher check, best epoch.")
+@test_options
 @option(DistillOptions, "student")
 @option(DistillOptions, "student_width")
 @option(DistillOptions, "temperature")
@@ -45,7 +56,7 @@ def default_output(teacher_path: str) -> str:
 @handle_errors
 def distill_cmd(teacher, data, val_data, student, student_width, temperature, alpha, temperature_schedule, epochs,
                 batch_size, lr, patience, min_teacher_accuracy, cache_teacher, max_drop, seed, out, as_json, resume,
-                overwrite, **kw):
+                overwrite, test_data, test_split, **kw):
     """Train a smaller student to imitate a teacher (knowledge distillation).
 
     The loss is alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T). The teacher is
@@ -72,7 +83,7 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
     out = out or default_output(teacher)
     check_output_path(out, overwrite or resume)
     log = (lambda m: None) if as_json else click.echo
-    result = kc.distill(teacher, data, val_data, options=opts, preprocess=preprocess(kw), seed=seed,
+    result = kc.distill(teacher, data, val_data, test=test_data, test_split=test_split, options=opts, preprocess=preprocess(kw), seed=seed,
                         checkpoint_dir=out.rstrip("/") + ".ckpt", resume=resume, overwrite_checkpoints=overwrite,
                         log=log)
     result.save(out, overwrite=True)
@@ -85,6 +96,7 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
             acc = f", VAL accuracy {pct(result.student_accuracy)}" if result.student_accuracy is not None else ""
             click.echo(f"best epoch {result.best_epoch} of {len(result.history)}{acc} "
                        f"(teacher outputs cache: {result.cache})")
+        print_test(result.test, ("teacher", "student"))
         wrote(out, "as a Keras 3 model, like the teacher" if result.keras3 else "")
     if not result.within_max_drop:
         click.echo(f"Error: the student is {result.drop_points:.2f} points below the teacher on VAL, more than "

@@ -47,8 +47,9 @@ def demo(overrides, out_dir: str, overwrite: bool) -> None:
     """The whole flow on built-in data: train, distill, prune, quantize to int8, validate, benchmark, report.
 
     Runs configs/quickstart.yaml on scikit-learn's digits, offline, in a few minutes on 2 CPU cores. Every stage is
-    validated on digits:val (the .tflite in the LiteRT interpreter) and the table compares each stage with the
-    fp32 baseline. Overrides work as in `kcompress run` (e.g. distill.epochs=5).
+    validated on digits:val (VAL: chooses epochs and PTQ vs QAT) and measured on a quarter of digits:train held out
+    as TEST (chose nothing; the .tflite in the LiteRT interpreter); the table compares each stage with the fp32
+    baseline on TEST. Overrides work as in `kcompress run` (e.g. distill.epochs=5).
 
     \b
     Example:
@@ -62,15 +63,20 @@ def demo(overrides, out_dir: str, overwrite: bool) -> None:
                       overrides=tuple(overrides))
     base = result.rows[0]
     rows = []
+    from kcompress.bench.schema import speedup
+
     for r in result.rows:
-        speed = (base.latency_p50_ms / r.latency_p50_ms) if r.latency_p50_ms else None
+        # stages are timed at different moments: unpaired ratios of every trial pair give the interval
+        speed = speedup(base.latency_p50_trials_ms or (base.latency_p50_ms,),
+                        r.latency_p50_trials_ms or (r.latency_p50_ms,), paired=False) if r.latency_p50_ms else None
         rows.append([r.stage, "int8 .tflite" if r.kind == "tflite" else "fp32", pct(r.accuracy),
                      f"{100 * (r.accuracy - base.accuracy):+.2f}", "-" if r.params is None else f"{r.params:,}",
                      mb(r.size_bytes), f"{r.size_bytes / base.size_bytes:.2f}x", ms(r.latency_p50_ms),
-                     "-" if speed is None else f"{speed:.2f}x"])
+                     "-" if speed is None else speed.text()])
     print_table(
-        "kcompress demo on digits:val (size and latency of each stage's .tflite; 1 thread, batch 1)",
-        ["stage", "model", "accuracy", "Δ points", "params", "size", "size vs fp32", "p50 latency", "speed-up"],
+        f"kcompress demo, accuracy on {base.split.upper()} (size and latency of each stage's .tflite; 1 thread, "
+        "batch 1)",
+        ["stage", "model", f"{base.split} accuracy", "Δ points", "params", "size", "size vs fp32", "p50 latency", "speed-up"],
         rows, con)
     con.print(f"Files written to {os.path.abspath(result.out_dir)}/ (final model: {result.rows[-1].path}; "
                   f"report: {result.report})")
@@ -130,7 +136,8 @@ def baseline(model: str, data: str, out: Optional[str], batch_sizes: str, thread
     for kind in ("keras", "tflite_fp32"):
         for r in b["latency"][kind]:
             rows.append([f"{kind} p50 @ batch {r['batch_size']}", ms(r["latency_ms"]["p50"])])
-    rows.append(["peak memory (RSS)", f"{b['peak_memory_mb']:.0f} MB"])
+    rows.append(["peak memory, Keras (whole process)", f"{b['peak_memory_mb']:.0f} MB"])
+    rows.append(["inference memory, fp32 .tflite", f"+{b['tflite_inference_memory_mb']:.1f} MB (LiteRT-only process)"])
     print_table(f"baseline of {model} on {src.name} ({src.num_samples} samples)", ["", "value"], rows, con)
     wrote(out)
 
@@ -177,11 +184,11 @@ def evaluate(model: str, data: str, reference: Optional[str], batch_size: int, l
         r = result["reference"]
         rows += [["reference accuracy", pct(r["accuracy"])], ["agreement (top-1)", pct(r["agreement"])],
                  ["Δ accuracy", f"{100 * r['accuracy_delta']:+.2f} pts"]]
-        worst = list(r["per_class_accuracy_delta"].items())[:3]
+        worst = list(r["per_class_recall_delta"].items())[:3]
         rows.append(["most-hurt classes", ", ".join(f"{k} {100 * v:+.1f}" for k, v in worst)])
     print_table(f"{model} on {src.name}", ["", "value"], rows, con)
-    per_class = ev.metrics["per_class_accuracy"]
-    con.print("per-class accuracy: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in per_class.items()))
+    per_class = ev.metrics["per_class_recall"]
+    con.print("per-class recall: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in per_class.items()))
 
 
 # -------------------------------------------------------------------------------------------------------- bench
@@ -191,16 +198,21 @@ def evaluate(model: str, data: str, reference: Optional[str], batch_size: int, l
 @option(BenchmarkOptions, "batch_sizes")
 @option(BenchmarkOptions, "runs")
 @option(BenchmarkOptions, "warmup")
+@option(BenchmarkOptions, "trials")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (schema kcompress.bench/1).")
 @click.option("-o", "--out", default=None, help="Also write the JSON here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @handle_errors
-def bench(models, threads: str, batch_sizes: str, runs: int, warmup: int, as_json: bool, out: Optional[str],
-          overwrite: bool) -> None:
-    """Latency (mean, std, min, p50, p95, p99), throughput and peak memory of .tflite files on this host.
+def bench(models, threads: str, batch_sizes: str, runs: int, warmup: int, trials: int, as_json: bool,
+          out: Optional[str], overwrite: bool) -> None:
+    """Latency (p50 with its range over repeated trials, mean, std, p95, p99), throughput and memory of .tflite
+    files on this host.
 
-    Uses the LiteRT interpreter with its default CPU delegate (XNNPACK). The JSON schema is the one
-    `kcompress device bench` writes for Android devices, so host and device results can be compared.
+    Each model runs in a child process that loads only the LiteRT interpreter (no TensorFlow): memory is that
+    process's peak resident set and its increase over the resident set after the imports. The interpreter applies
+    its default CPU delegate (XNNPACK) where it can; the delegate column says what ran. Trials of several models
+    are interleaved. The JSON schema is the one `kcompress device bench` writes for Android devices, so host and
+    device results can be compared.
 
     \b
     Example:
@@ -212,10 +224,11 @@ def bench(models, threads: str, batch_sizes: str, runs: int, warmup: int, as_jso
     for m in models:
         if model_format(m) != "tflite":
             raise UsageError(f"{m}: bench takes .tflite files (convert Keras models with kcompress quantize)")
-    opts = build(BenchmarkOptions, threads=threads, batch_sizes=batch_sizes, runs=runs, warmup=warmup)
+    opts = build(BenchmarkOptions, threads=threads, batch_sizes=batch_sizes, runs=runs, warmup=warmup,
+                 trials=trials)
     if out:
         check_output_path(out, overwrite)
-    report = kc.benchmark(models, opts.threads, opts.batch_sizes, opts.runs, opts.warmup)
+    report = kc.benchmark(models, opts.threads, opts.batch_sizes, opts.runs, opts.warmup, opts.trials)
     if out:
         from kcompress.io import atomic_write_bytes
 
@@ -223,18 +236,29 @@ def bench(models, threads: str, batch_sizes: str, runs: int, warmup: int, as_jso
     if as_json:
         click.echo(report.to_json())
     else:
-        rows = []
-        for r in report.results:
-            s = r.latency_ms
-            rows.append([os.path.basename(r.model), r.threads, r.batch_size, ms(s.mean), ms(s.std), ms(s.min),
-                         ms(s.p50), ms(s.p95), ms(s.p99), f"{r.throughput_per_s:.1f}/s",
-                         f"{r.memory_mb.get('peak_rss') or 0:.0f} MB"])
-        con = console()
-        print_table(f"LiteRT on {report.target['cpu']} ({runs} runs after {warmup} warm-up)",
-                             ["model", "threads", "batch", "mean", "std", "min", "p50", "p95", "p99", "throughput",
-                              "peak RSS"], rows, con)
+        _print_bench(report, opts)
     if out:
         wrote(out, err=as_json)
+
+
+def _print_bench(report, opts: BenchmarkOptions) -> None:
+    """One row per result: p50 as the median of the trials' p50s with their range, the pooled statistics, I/O
+    dtype, delegate and memory (peak RSS of the LiteRT-only child, and its increase over the post-import RSS)."""
+    def sig(v: Optional[float]) -> str:
+        return "-" if v is None else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+    rows = []
+    for r in report.results:
+        s, p, mem, io = r.latency_ms, r.p50_interval, r.memory_mb, r.extra.get("io") or {}
+        peak, increase = mem.get("peak_rss"), mem.get("rss_increase")
+        rows.append([os.path.basename(r.model), r.threads, r.batch_size, io.get("input", "-"), r.delegate,
+                     f"{sig(p.median)} ({sig(p.low)}-{sig(p.high)})", sig(s.mean), sig(s.std), sig(s.p95),
+                     sig(s.p99), f"{r.throughput_per_s:.1f}/s",
+                     "-" if peak is None else f"{peak:.1f}" + ("" if increase is None else f" (+{increase:.1f})")])
+    print_table(f"LiteRT on {report.target['cpu']}: {opts.trials} trials x {opts.runs} runs, {opts.warmup} warm-up; "
+                "p50: median of trial p50s (range); memory: peak RSS (+ over post-import RSS)",
+                ["model", "threads", "batch", "input", "delegate", f"p50 ms, {opts.trials} trials", "mean ms",
+                 "std ms", "p95 ms", "p99 ms", "throughput", "memory MB"], rows, console())
 
 
 # ------------------------------------------------------------------------------------------------------ inspect
@@ -262,10 +286,11 @@ def inspect_cmd(model: str, as_json: bool) -> None:
     con = console()
     if info["format"] != "tflite":
         rows = [[l["name"], l["class"], l["output_shape"], l["dtype"], f"{l['params']:,}", mb(l["bytes"]),
-                 f"{l['macs']:,}"] for l in info["layers"]]
+                 "-" if l["macs"] is None else f"{l['macs']:,}"] for l in info["layers"]]
         print_table(f"{model} ({info['format']})", ["layer", "type", "output", "dtype", "params", "bytes",
                                                              "MACs"], rows, con)
-        con.print(f"{info['params']['total']:,} parameters, {info['macs']:,} MACs per sample")
+        macs = f"{info['macs']:,} MACs per sample" if info["macs"] is not None else f"MACs: {info['macs_note']}"
+        con.print(f"{info['params']['total']:,} parameters, {macs}")
         return
     rows = []
     for op in info["ops"]:

@@ -22,6 +22,7 @@ from kcompress.cli.console import (
     preprocess_options,
     print_json,
     print_table,
+    test_options,
     wrote,
 )
 from kcompress.options import PruneOptions
@@ -44,6 +45,7 @@ def _default_out(model_path: str, method: str) -> str:
 @click.argument("model_path", metavar="MODEL")
 @click.option("--data", "data_spec", required=True, help="TRAIN data for fine-tuning (folder, .npz or built-in name).")
 @click.option("--val-data", "val_spec", default=None, help="VAL data: accuracy before/after and best-epoch choice.")
+@test_options
 @option(PruneOptions, "method")
 @option(PruneOptions, "sparsity")
 @option(PruneOptions, "schedule")
@@ -68,7 +70,7 @@ def _default_out(model_path: str, method: str) -> str:
 @handle_errors
 def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_sparsity, block, skip, target_flops,
           ratio, criterion, rounds, channel_multiple, epochs, lr, batch_size, max_drop, seed, out, as_json, overwrite,
-          **kw):
+          test_data, test_split, **kw):
     """Prune MODEL with fine-tuning on --data and write a plain Keras model (Keras 3 in, Keras 3 out).
 
     \b
@@ -101,7 +103,7 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
                  max_drop=max_drop)
     out = out or _default_out(model_path, str(opts.method))
     check_output_path(out, overwrite)
-    r = kc.prune(model_path, data_spec, val_spec, options=opts, preprocess=preprocess(kw), seed=seed)
+    r = kc.prune(model_path, data_spec, val_spec, test=test_data, test_split=test_split, options=opts, preprocess=preprocess(kw), seed=seed)
     r.save(out, overwrite=overwrite)
     if as_json:
         print_json({**r.to_dict(), "out": out})
@@ -119,7 +121,9 @@ def _print(r) -> None:
     for w in r.warnings:
         click.echo(f"Warning: {w}", err=True)
     b, a, d = r.before, r.after, r.details
-    rows = [["accuracy (val)", pct(r.accuracy_before), pct(r.accuracy_after)],
+    rows = [["accuracy (test: chose nothing)", pct(r.test["before_accuracy"]), pct(r.test["after_accuracy"])]
+            ] if r.test else []
+    rows += [["accuracy (val: chose the epoch)", pct(r.accuracy_before), pct(r.accuracy_after)],
             ["parameters", f"{b['params']:,}", f"{a['params']:,}"],
             ["MFLOPs (2 x MACs)", f"{2 * b['macs'] / 1e6:.2f}", f"{2 * a['macs'] / 1e6:.2f} (-{r.flops_reduction:.1%})"],
             ["fp32 .tflite", mb(b["fp32_tflite"]["raw"]), mb(a["fp32_tflite"]["raw"])],

@@ -26,6 +26,8 @@ from kcompress.cli.console import (
     preprocess_options,
     print_json,
     print_table,
+    print_test,
+    test_options,
     wrote,
 )
 from kcompress.options import QATOptions, QuantizeOptions
@@ -74,9 +76,10 @@ def _print_plan(con, plan: Optional[dict]) -> None:
 @click.option("--data", required=True, help="Data to draw calibration samples from (and to evaluate on).")
 @option(QuantizeOptions, "mode", type=click.Choice(["dynamic", "float16", "int8", "int16x8"]))
 @click.option("-o", "--out", default=None, help="Output .tflite [default: MODEL_<mode>.tflite].")
-@click.option("--val-data", default=None, help="Evaluate (and choose float layers) on this instead of --data.")
+@click.option("--val-data", default=None, help="VAL: evaluate (and choose float layers) on this instead of --data.")
+@test_options
 @_int8_options
-@click.option("--limit", type=int, default=None, help="Evaluate on the first N samples only.")
+@click.option("--limit", type=int, default=None, help="Evaluate on a stratified random sample of N (seeded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample (config: seed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
@@ -84,7 +87,8 @@ def _print_plan(con, plan: Optional[dict]) -> None:
 @handle_errors
 def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Optional[str],
              calibration_samples: int, per_tensor: bool, io: Optional[str], float_layers: Optional[str],
-             max_drop: str, limit: Optional[int], seed: int, as_json: bool, overwrite: bool, **kw) -> None:
+             max_drop: str, limit: Optional[int], seed: int, as_json: bool, overwrite: bool, test_data: Optional[str],
+             test_split: float, **kw) -> None:
     """Post-training quantization of MODEL to a .tflite file, checked in the LiteRT interpreter.
 
     Prints accuracy, size and latency (1 thread, batch 1) before and after, and a hint when the quantized model
@@ -103,7 +107,7 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     out = out or default_out(model, f"_{opts.mode}.tflite")
     check_output_path(out, overwrite)
     con = console()
-    r = kc.quantize(model, data, val_data=val_data, options=opts, preprocess=preprocess(kw), limit=limit, seed=seed,
+    r = kc.quantize(model, data, val_data=val_data, test_data=test_data, test_split=test_split, options=opts, preprocess=preprocess(kw), limit=limit, seed=seed,
                     log=lambda m: con.print(m, markup=False) if not as_json else None)
     r.save(out, overwrite=overwrite)
     if as_json:
@@ -111,10 +115,13 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
         _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out)
         return
     _print_plan(con, r.float_layer_plan)
-    rows = [
-        ["accuracy", pct(r.before.accuracy), pct(r.after.accuracy), points(r.accuracy_delta)],
+    split = "val" if val_data else "data"
+    rows = [["accuracy (test: chose nothing)", pct(r.test["before_accuracy"]), pct(r.test["after_accuracy"]),
+             points(r.test["after_accuracy"] - r.test["before_accuracy"])]] if r.test else []
+    rows += [
+        [f"accuracy ({split})", pct(r.before.accuracy), pct(r.after.accuracy), points(r.accuracy_delta)],
         ["size", mb(r.source_bytes) + " (input)", mb(r.size_bytes), f"{r.size_ratio:.2f}x of fp32 .tflite"],
-        ["p50 latency", ms(r.latency_fp32_ms) + " (fp32 .tflite)", ms(r.latency_ms), f"{r.latency_ratio:.2f}x speed-up"],
+        ["p50 latency", ms(r.latency_fp32_ms) + " (fp32 .tflite)", ms(r.latency_ms), f"{r.speedup.text()} speed-up"],
     ]
     print_table(f"{r.options.mode} on {r.data} ({r.after.metrics['num_samples']} samples)",
                 ["", "before", "after", "change"], rows, con)
@@ -137,6 +144,7 @@ def _gate(ok: bool, drop: float, max_drop: float, out: str) -> None:
 @click.argument("model")
 @click.option("--data", "data_spec", required=True, help="Training data (also calibrates the converter).")
 @click.option("--val-data", default=None, help="VAL data for the comparison and 'auto' float layers (default: --data).")
+@test_options
 @option(QATOptions, "epochs")
 @option(QATOptions, "lr")
 @option(QATOptions, "batch_size")
@@ -152,7 +160,8 @@ def _gate(ok: bool, drop: float, max_drop: float, out: str) -> None:
 @preprocess_options
 @handle_errors
 def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, max_tflite_drop, calibration_samples,
-        per_tensor, io, float_layers, max_drop, seed, out, keras_out, as_json, overwrite, **kw):  # fmt: skip
+        per_tensor, io, float_layers, max_drop, seed, out, keras_out, as_json, overwrite, test_data, test_split,
+        **kw):  # fmt: skip
     """Quantization-aware training (tfmot 8-bit) of a trained MODEL, exported to an int8 .tflite.
 
     Works on any functional model: nested models are flattened, layers tfmot cannot quantize stay float in Keras
@@ -174,7 +183,7 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, m
         if path:
             check_output_path(path, overwrite)
     log = (lambda m: None) if as_json else click.echo
-    res = kc.qat(model, data_spec, val_data=val_data, options=opts, quantize=q, preprocess=preprocess(kw), seed=seed,
+    res = kc.qat(model, data_spec, val_data=val_data, test_data=test_data, test_split=test_split, options=opts, quantize=q, preprocess=preprocess(kw), seed=seed,
                  log=log)
     res.save(out, overwrite=overwrite)
     if keras_out:
@@ -190,6 +199,7 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, m
                  for r in res.rows], con)
     con.print(f"Keras QAT model: {pct(res.keras_qat_accuracy)} on VAL")
     con.print(res.verdict)
+    print_test(res.test, ("fp32", "qat"))
     for w in res.warnings:
         click.echo(f"Warning: {w}", err=True)
     wrote(out)

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import replace
 from typing import Callable, Optional
 
-from kcompress.inputs import as_data, as_model, preprocess_of, resolve_options
+from kcompress.inputs import as_model, as_splits, preprocess_of, resolve_options
 from kcompress.options import DistillOptions
 
 __all__ = ["distill"]
@@ -17,8 +17,8 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def distill(teacher, train, val=None, *, student=None, options: Optional[DistillOptions] = None, preprocess=None,
-            seed: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
+def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, student=None,
+            options: Optional[DistillOptions] = None, preprocess=None, seed: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
             overwrite_checkpoints: bool = False, augment: Optional[Callable] = None, verbose: Optional[int] = None,
             log: Callable[[str], None] = _quiet, **option_fields):
     """Trains a smaller student to imitate ``teacher``; returns a DistillResult (``.student``, ``.save(path)``).
@@ -29,6 +29,8 @@ def distill(teacher, train, val=None, *, student=None, options: Optional[Distill
     ``checkpoint_dir``: per-epoch checkpoints; ``resume`` continues from them, ``overwrite_checkpoints`` starts
     over (otherwise an earlier run's checkpoints are an error). The result says whether the student stayed within
     ``max_drop`` points of the teacher on VAL (``within_max_drop``); the CLI turns a miss into exit 1.
+    ``test`` (or ``test_split``, a stratified fraction carved out of ``train``): TEST, which chooses nothing;
+    teacher and student are measured on it afterwards (``result.test``).
     """
     from kcompress.backend import keras
     from kcompress.distillation.students import derive_student
@@ -45,8 +47,7 @@ def distill(teacher, train, val=None, *, student=None, options: Optional[Distill
     else:
         keras.utils.set_random_seed(seed)
         student_model = derive_student(t.model, opts.student_width)
-    tr = as_data(train, preprocess, "train")
-    va = as_data(val, preprocess, "val") if val is not None else None
+    tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess)
     if checkpoint_dir and overwrite_checkpoints and not resume:  # else the trainer refuses an earlier run's
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     t_bytes, s_bytes = weights_bytes(t.model), weights_bytes(student_model)
@@ -59,4 +60,7 @@ def distill(teacher, train, val=None, *, student=None, options: Optional[Distill
         log("note: no validation data; the teacher is checked and the best epoch chosen on the training data")
     result = run(t.model, student_model, tr, va, opts, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
                  augment=augment, verbose=verbose)
-    return replace(result, keras3=t.keras3, checkpoint_dir=checkpoint_dir, max_drop=opts.max_drop)
+    from kcompress.evaluation import test_figures
+
+    figures = test_figures({"teacher": t.model, "student": result.student}, te)
+    return replace(result, keras3=t.keras3, checkpoint_dir=checkpoint_dir, max_drop=opts.max_drop, test=figures)

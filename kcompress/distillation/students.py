@@ -32,15 +32,11 @@ _INPUT = "__input__"
 
 
 def outputs_probabilities(model) -> bool:
-    """True when the model's output is a softmax (its last layer is ``Softmax`` or has ``activation=softmax``)."""
-    last = model.layers[-1]
-    while isinstance(last, keras.Model) and last.layers:
-        last = last.layers[-1]
-    if isinstance(last, L.Softmax):
-        return True
-    if isinstance(last, L.Activation) and getattr(last.activation, "__name__", "") == "softmax":
-        return True
-    return getattr(getattr(last, "activation", None), "__name__", "") == "softmax"
+    """True when the model's output is a softmax, read from the layer that produces the output (see
+    :func:`kcompress.evaluation.output_kind`)."""
+    from kcompress.evaluation import PROBABILITIES, output_kind
+
+    return output_kind(model) == PROBABILITIES
 
 
 def _width_attr(layer):

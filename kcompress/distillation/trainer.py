@@ -189,6 +189,7 @@ class DistillResult:
     keras3: bool = False  # the teacher came as Keras 3: save() writes a Keras 3 .keras file
     checkpoint_dir: Optional[str] = None
     max_drop: Optional[float] = None  # the largest drop (points) below the teacher the user accepts
+    test: Optional[dict] = None  # teacher_accuracy / student_accuracy on TEST (chose nothing), when given
 
     @property
     def size_ratio(self) -> float:

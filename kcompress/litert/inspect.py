@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from kcompress.io import model_format
 
-__all__ = ["inspect_model"]
+__all__ = ["inspect_model", "tflite_output_kind"]
+
+_PASS_THROUGH = ("DEQUANTIZE", "QUANTIZE")  # type conversions between the softmax and the output tensor
 
 
 def inspect_model(path: str) -> dict[str, Any]:
@@ -18,10 +20,18 @@ def inspect_model(path: str) -> dict[str, Any]:
 
 
 def _inspect_keras(path: str) -> dict[str, Any]:
+    from kcompress.errors import KcompressError
     from kcompress.io import load_model
-    from kcompress.modelinfo import count_macs, count_params, flat_layers, layer_macs
+    from kcompress.modelinfo import count_params, flat_layers, macs_by_layer
 
     model = load_model(path)
+    try:  # per layer at the declared input size, nested models included
+        per_layer: Optional[dict] = {}
+        for _, layer, macs in macs_by_layer(model):
+            per_layer[id(layer)] = per_layer.get(id(layer), 0) + macs
+        macs_note = None
+    except KcompressError as e:  # sizes declared None: MACs depend on the input size
+        per_layer, macs_note = None, str(e)
     layers = []
     for layer in flat_layers(model):
         n = int(sum(np.prod(w.shape) for w in layer.weights))
@@ -37,14 +47,18 @@ def _inspect_keras(path: str) -> dict[str, Any]:
                 "dtype": layer.dtype,
                 "params": n,
                 "bytes": int(sum(np.prod(w.shape) * w.dtype.size for w in layer.weights)),
-                "macs": layer_macs(layer),
+                "macs": per_layer.get(id(layer), 0) if per_layer is not None else None,
             }
         )
+    from kcompress.evaluation import output_kind
+
     return {
         "format": model_format(path),
         "name": model.name,
+        "output_kind": output_kind(model),
         "params": count_params(model),
-        "macs": count_macs(model),
+        "macs": sum(per_layer.values()) if per_layer is not None else None,
+        "macs_note": macs_note,
         "layers": layers,
     }
 
@@ -71,10 +85,31 @@ def _inspect_tflite(path: str) -> dict[str, Any]:
         "metadata": read_metadata(path),
         "format": "tflite",
         "file_bytes": os.path.getsize(path),
+        "output_kind": tflite_output_kind(path),
         "tensor_dtypes": _dtype_bytes(tensors),
         "float_ops": report,
         "ops": rows,
     }
+
+
+def tflite_output_kind(model: str | bytes) -> str:
+    """``"probabilities"`` when the op producing the output tensor is ``SOFTMAX`` (also behind ``DEQUANTIZE`` or
+    ``QUANTIZE``), else ``"logits"``. Read from the plain op graph (no delegate fuses the ops away)."""
+    from kcompress.litert.interpreter import TFLiteModel
+
+    interp = TFLiteModel(model, delegates=False).interpreter
+    producer = {int(t): op for op in interp._get_ops_details() for t in op["outputs"] if t >= 0}
+    tensor = int(interp.get_output_details()[0]["index"])
+    for _ in range(len(producer) + 1):
+        op = producer.get(tensor)
+        if op is None:
+            return "logits"
+        if op["op_name"] == "SOFTMAX":
+            return "probabilities"
+        if op["op_name"] not in _PASS_THROUGH or not len(op["inputs"]):
+            return "logits"
+        tensor = int(op["inputs"][0])
+    return "logits"
 
 
 def _qparams(t) -> Any:

@@ -15,7 +15,7 @@ import numpy as np
 
 from kcompress.errors import KcompressError
 
-__all__ = ["TFLiteModel", "tflite_ops", "tflite_tensors", "float_op_report", "QUANT_TYPES"]
+__all__ = ["TFLiteModel", "tflite_ops", "tflite_tensors", "float_op_report", "delegation", "QUANT_TYPES"]
 
 QUANT_TYPES = (np.int8, np.uint8, np.int16)
 
@@ -73,6 +73,10 @@ class TFLiteModel:
     @property
     def output_dtype(self):
         return self.output["dtype"]
+
+    def delegation(self) -> dict[str, Any]:
+        """What executes the model, read from the interpreter's graph after allocation: see :func:`delegation`."""
+        return delegation(self.interpreter._get_ops_details())
 
     def _quantize_input(self, x: np.ndarray) -> np.ndarray:
         dtype = self.input["dtype"]
@@ -210,6 +214,34 @@ def float_op_report(model: str | bytes) -> dict[str, Any]:
         "dequantize_ops": sum(1 for o in ops if o["op"] == "DEQUANTIZE"),
         "op_counts": _counts(o["op"] for o in ops),
     }
+
+
+def delegation(ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """Which delegate runs a graph, from the interpreter's op details (``Interpreter._get_ops_details()`` after
+    ``allocate_tensors``): ``{"delegate", "partitions", "replaced_nodes", "total_nodes"}``.
+
+    Applying a delegate appends one ``DELEGATE`` node per partition and keeps the replaced nodes in the list; a
+    partition is every original node between the DELEGATE node's inputs and its outputs, so the replaced nodes are
+    found by walking back from its outputs to its inputs. ``delegate`` is ``"xnnpack"`` when there is a
+    DELEGATE node (the interpreter's only default delegate; :class:`TFLiteModel` passes no others) and ``"cpu"``
+    (the builtin kernels, no delegate) otherwise.
+    """
+    original = [o for o in ops if o["op_name"] != "DELEGATE"]
+    partitions = [o for o in ops if o["op_name"] == "DELEGATE"]
+    producer = {int(t): o["index"] for o in original for t in o["outputs"] if t >= 0}
+    by_index = {o["index"]: o for o in original}
+    replaced: set[int] = set()
+    for part in partitions:
+        stop = {int(t) for t in part["inputs"] if t >= 0}
+        todo = [int(t) for t in part["outputs"] if t >= 0]
+        while todo:
+            node = producer.get(todo.pop())
+            if node is None or node in replaced:
+                continue
+            replaced.add(node)
+            todo.extend(int(t) for t in by_index[node]["inputs"] if t >= 0 and int(t) not in stop)
+    return {"delegate": "xnnpack" if partitions else "cpu", "partitions": len(partitions),
+            "replaced_nodes": len(replaced), "total_nodes": len(original)}
 
 
 def _counts(names) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Reports over one or more run folders: report.json, report.md and PNG plots.
 
 Plots: the Pareto frontier of accuracy against size and against latency over every stage of every run
-(``pareto_size.png``, ``pareto_latency.png``), per-class accuracy change from the baseline, most-hurt classes first
+(``pareto_size.png``, ``pareto_latency.png``), per-class recall change from the baseline, most-hurt classes first
 (``per_class_delta.png``), and confidence histograms per stage (``confidence.png``). Agreement with the baseline's
 top-1 predictions comes from the stages' saved validation outputs. Device benchmark files
 (``kcompress device bench -o``) placed in a run folder as ``device*.json`` are listed next to the host numbers.
@@ -51,32 +51,36 @@ def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
     for run_dir in run_dirs:
         stages = read_run(run_dir)
         base = next((s for s in stages if s["stage"] == "baseline"), stages[0])
+        split = "test" if all("test" in s["metrics"] for s in stages if s["stage"] != "train") else "val"
         rows = []
         for s in stages:
             if s["stage"] in ("benchmark", "train"):  # train's model is the baseline's
                 continue
             m = s["metrics"]
+            figures, base_figures = _on(m, split), _on(base["metrics"], split)
             row = {
                 "run": os.path.basename(os.path.normpath(run_dir)),
                 "stage": s["stage"],
                 "kind": m.get("kind"),
-                "accuracy": m["accuracy"],
-                "accuracy_delta_points": 100 * (m["accuracy"] - base["metrics"]["accuracy"]),
+                "split": split,
+                "num_samples": figures.get("num_samples"),
+                "accuracy": figures["accuracy"],
+                "accuracy_delta_points": 100 * (figures["accuracy"] - base_figures["accuracy"]),
+                "val_accuracy": m["accuracy"],
+                "test_accuracy": m.get("test", {}).get("accuracy"),
                 "size_bytes": m.get("tflite_bytes") or m.get("tflite_fp32_bytes") or m["size_bytes"],
                 "file_bytes": m["size_bytes"],
                 "params": m.get("params"),
                 "macs": m.get("macs"),
                 "latency_p50_ms": m.get("latency_p50_ms"),
                 "agreement_with_baseline": None,
-                "mean_confidence": m.get("mean_confidence"),
+                "mean_confidence": figures.get("mean_confidence"),
                 "method": m.get("method"),
             }
-            if s["outputs"] is not None and base["outputs"] is not None and len(s["outputs"]) == len(base["outputs"]):
-                row["agreement_with_baseline"] = float(
-                    (s["outputs"].argmax(1) == base["outputs"].argmax(1)).mean()
-                )
-            per_class = m.get("per_class_accuracy", {})
-            base_pc = base["metrics"].get("per_class_accuracy", {})
+            out, base_out = s["outputs"].get(split), base["outputs"].get(split)
+            if out is not None and base_out is not None and len(out) == len(base_out):
+                row["agreement_with_baseline"] = float((out.argmax(1) == base_out.argmax(1)).mean())
+            per_class, base_pc = _per_class(figures), _per_class(base_figures)
             row["per_class_delta_points"] = dict(
                 sorted(((k, 100 * (v - base_pc[k])) for k, v in per_class.items() if k in base_pc),
                        key=lambda kv: kv[1])
@@ -94,8 +98,11 @@ def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
                                 "model": os.path.basename(r.model), "threads": r.threads, "delegate": r.delegate,
                                 "p50_ms": r.latency_ms.p50 if r.latency_ms else None,
                                 "mean_ms": r.latency_ms.mean if r.latency_ms else None})
-        runs.append({"run_dir": run_dir, "stages": rows, "host_benchmark": bench, "device_benchmark": devices,
-                     "_outputs": {s["stage"]: s["outputs"] for s in stages if s["outputs"] is not None}})
+        runs.append({"run_dir": run_dir, "split": split, "stages": rows, "host_benchmark": bench,
+                     "device_benchmark": devices,
+                     "_outputs": {s["stage"]: (s["outputs"][split], _on(s["metrics"], split).get("output_kind"))
+                                  for s in stages if s["outputs"].get(split) is not None
+                                  and s["stage"] not in ("train", "benchmark")}})
     all_rows = [r for run in runs for r in run["stages"]]
     for key, name in (("size_bytes", "pareto_size"), ("latency_p50_ms", "pareto_latency")):
         pts = [(r[key] if r[key] is not None else np.inf, r["accuracy"]) for r in all_rows]
@@ -103,6 +110,19 @@ def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
         for i, r in enumerate(all_rows):
             r[name] = i in front
     return {"runs": runs}
+
+
+def _on(metrics: dict, split: str) -> dict:
+    """A stage's figures on ``split``: the top-level ones are VAL's, ``test`` holds TEST's."""
+    return metrics["test"] if split == "test" else metrics
+
+
+def _per_class(figures: dict) -> dict:
+    return figures.get("per_class_recall", figures.get("per_class_accuracy", {}))  # the older name
+
+
+SPLIT_NOTE = {"test": "TEST: data that chose nothing", "val": "VAL: the data that chose the best epochs, PTQ vs QAT "
+              "and float layers (no test split given, so these figures are optimistic)"}
 
 
 def _plots(report: dict, out_dir: str) -> list[str]:
@@ -130,7 +150,7 @@ def _plots(report: dict, out_dir: str) -> list[str]:
         ax.plot([p[0] / scale for p in front], [100 * p[1] for p in front], "--", color="gray", label="Pareto front")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylabel(f"{report['runs'][0]['split']} accuracy (%)")
         ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -143,7 +163,7 @@ def _plots(report: dict, out_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.5, 0.3 * len(items) + 1.2))
         ax.barh([k for k, _ in items][::-1], [v for _, v in items][::-1],
                 color=["#c44" if v < 0 else "#4a4" for _, v in items][::-1])
-        ax.set_xlabel(f"accuracy change from baseline (points), stage {last['stage']}")
+        ax.set_xlabel(f"recall change from baseline (points, {last['split']}), stage {last['stage']}")
         ax.axvline(0, color="black", lw=0.8)
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "per_class_delta.png"), dpi=110)
@@ -152,10 +172,10 @@ def _plots(report: dict, out_dir: str) -> list[str]:
     outputs = report["runs"][0]["_outputs"]
     if outputs:
         fig, ax = plt.subplots(figsize=(6.5, 4))
-        for stage, out in outputs.items():
-            ax.hist(probabilities(out).max(axis=1), bins=20, range=(0, 1), histtype="step", label=stage, lw=1.5)
+        for stage, (out, kind) in outputs.items():  # kind: read from the graph (None in older runs: guessed)
+            ax.hist(probabilities(out, kind).max(axis=1), bins=20, range=(0, 1), histtype="step", label=stage, lw=1.5)
         ax.set_xlabel("top-1 confidence")
-        ax.set_ylabel("validation samples")
+        ax.set_ylabel(f"{report['runs'][0]['split']} samples")
         ax.legend(loc="upper left")
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, "confidence.png"), dpi=110)
@@ -167,31 +187,42 @@ def _plots(report: dict, out_dir: str) -> list[str]:
 def _markdown(report: dict, plots: list[str]) -> str:
     lines = ["# kcompress report", ""]
     for run in report["runs"]:
-        lines += [f"## {run['run_dir']}", "",
-                  "| stage | accuracy | Δ points | agreement | size | params | MACs | p50 latency | Pareto |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        split = run["split"]
+        n = run["stages"][0]["num_samples"] if run["stages"] else None
+        other = " | val accuracy" if split == "test" else ""
+        lines += [f"## {run['run_dir']}", "", f"Accuracy, Δ and agreement on {SPLIT_NOTE[split]}"
+                  + (f" ({n} samples)." if n else "."), "",
+                  f"| stage | {split} accuracy | Δ points{other} | agreement | size | params | MACs | p50 latency | "
+                  "Pareto |", "|---|---|---|---|---|---|---|---|---|" + ("---|" if other else "")]
         for r in run["stages"]:
+            val = f" {100 * r['val_accuracy']:.2f}% |" if other else ""
             agree = "-" if r["agreement_with_baseline"] is None else f"{100 * r['agreement_with_baseline']:.1f}%"
             lat = "-" if r["latency_p50_ms"] is None else f"{r['latency_p50_ms']:.3f} ms"
             pareto = "size" * r["pareto_size"] + (" + " if r["pareto_size"] and r["pareto_latency"] else "") + \
                 "latency" * r["pareto_latency"]
             lines.append(
                 f"| {r['stage']}{' (' + r['method'] + ')' if r.get('method') else ''} | {100 * r['accuracy']:.2f}% | "
-                f"{r['accuracy_delta_points']:+.2f} | {agree} | {r['size_bytes'] / 1e3:.1f} kB | "
+                f"{r['accuracy_delta_points']:+.2f} |{val} {agree} | {r['size_bytes'] / 1e3:.1f} kB | "
                 f"{r['params'] if r['params'] is not None else '-'} | {r['macs'] if r['macs'] is not None else '-'} | "
                 f"{lat} | {pareto or '-'} |"
             )
         last = run["stages"][-1]
         hurt = list(last["per_class_delta_points"].items())[:5]
         if hurt:
-            lines += ["", f"Most-hurt classes at the last stage ({last['stage']}): "
+            lines += ["", f"Most-hurt classes at the last stage ({last['stage']}, recall change on {split}): "
                       + ", ".join(f"{k} {v:+.1f}" for k, v in hurt)]
         if run["host_benchmark"]:
-            lines += ["", "Host benchmark of the final model:", "", "| threads | batch | p50 | p95 | throughput |",
-                      "|---|---|---|---|---|"]
+            lines += ["", "Host benchmark of the final model (LiteRT; memory: a clean child process's peak RSS "
+                      "increase while loading and running the model):", "",
+                      "| threads | batch | p50 (range over trials) | p95 | throughput | delegate | inference memory |",
+                      "|---|---|---|---|---|---|---|"]
             for b in run["host_benchmark"]:
-                lines.append(f"| {b['threads']} | {b['batch_size']} | {b['p50_ms']:.3f} ms | {b['p95_ms']:.3f} ms | "
-                             f"{b['throughput_per_s']:.0f}/s |")
+                spread = (f" ({b['p50_interval_ms'][0]:.3f}-{b['p50_interval_ms'][1]:.3f}, {b['trials']} trials)"
+                          if b.get("p50_interval_ms") else "")
+                mem = f"+{b['rss_increase_mb']:.1f} MB" if b.get("rss_increase_mb") is not None else "-"
+                lines.append(f"| {b['threads']} | {b['batch_size']} | {b['p50_ms']:.3f} ms{spread} | "
+                             f"{b['p95_ms']:.3f} ms | {b['throughput_per_s']:.0f}/s | {b.get('delegate') or '-'} | "
+                             f"{mem} |")
         if run["device_benchmark"]:
             lines += ["", "Device benchmarks:", "", "| device | model | threads | delegate | p50 |", "|---|---|---|---|---|"]
             for d in run["device_benchmark"]:
@@ -218,22 +249,34 @@ def write_report(run_dirs: Sequence[str], out_dir: Optional[str] = None, overwri
 
 
 def read_run(run_dir: str) -> list[dict]:
-    """The finished stages of a run folder: ``[{"stage", "dir", "metrics", "outputs", "labels"}]`` in order."""
+    """The finished stages of a run folder, in order: ``[{"stage", "dir", "metrics", "outputs"}]`` where ``outputs``
+    maps a split ("val", "test") to that split's saved model outputs.
+
+    Only the stages of the run's latest config count (``run.json``): the folder of a stage a later config disabled
+    stays on disk but is not reported."""
     out = []
     if not os.path.isdir(run_dir):
         raise KcompressError(f"{run_dir}: no such run folder")
+    planned = None
+    try:
+        with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as f:
+            planned = set(json.load(f)["stages"])
+    except (OSError, ValueError, KeyError):
+        pass  # a run written before run.json: every finished stage
     for stage, name in STAGE_DIRS.items():
         sdir = os.path.join(run_dir, name)
         mpath = os.path.join(sdir, "metrics.json")
+        if planned is not None and stage not in planned:
+            continue
         if not os.path.exists(os.path.join(sdir, "stage.json")) or not os.path.exists(mpath):
             continue
         with open(mpath, encoding="utf-8") as f:
             metrics = json.load(f)
-        entry = {"stage": stage, "dir": sdir, "metrics": metrics, "outputs": None, "labels": None}
+        entry = {"stage": stage, "dir": sdir, "metrics": metrics, "outputs": {}}
         opath = os.path.join(sdir, "outputs.npz")
         if os.path.exists(opath):
             with np.load(opath) as z:
-                entry["outputs"], entry["labels"] = z["outputs"], z["labels"]
+                entry["outputs"] = {"val": z["outputs"], **({"test": z["test_outputs"]} if "test_outputs" in z else {})}
         out.append(entry)
     if not out:
         raise KcompressError(f"{run_dir}: no finished stages (not a kcompress run folder?)")

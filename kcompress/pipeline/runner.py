@@ -13,9 +13,9 @@ than ``max_drop`` below the baseline, stops the run with :class:`GateFailed`, ke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -25,6 +25,16 @@ import numpy as np
 from kcompress.errors import KcompressError
 from kcompress.pipeline.config import RunConfig, config_hash, config_to_dict, dump_yaml
 from kcompress.pipeline.report import STAGE_DIRS
+from kcompress.pipeline.resume import (
+    chain as chain_hash,
+)
+from kcompress.pipeline.resume import (
+    content_fingerprint,
+    data_fingerprint,
+    finished,
+    stage_model,
+    started,
+)
 from kcompress.types import PruneMethod, QATPolicy, QuantMode
 
 __all__ = ["GateFailed", "StageRecord", "RunResult", "run_pipeline", "execute"]
@@ -51,61 +61,67 @@ def _write_json(path: str, obj) -> None:
 
 
 class _Ctx:
-    """What every stage needs: config, data, run folder, log."""
+    """What every stage needs: config, the three splits, run folder, log."""
 
     def __init__(self, cfg: RunConfig, run_dir: str, log: Callable[[str], None]):
-        from kcompress.data import open_data
-
         self.cfg = cfg
         self.run_dir = run_dir
         self.log = log
-        d = cfg.data
-        pre = d.preprocess()
-        self.train = open_data(d.train, pre)
-        if d.train_limit:
-            self.train = self.train.subset(d.train_limit, seed=cfg.seed)
-        self.val = open_data(d.val, pre)
+        self.splits = cfg.data.open(seed=cfg.seed)
+        self.train, self.val, self.test = self.splits.train, self.splits.val, self.splits.test
         self.baseline_accuracy: Optional[float] = None
+        self.resume_stage = False  # the current stage may continue an interrupted run's work
 
     def calibration(self, shape, n=None):
         n = n or self.cfg.quantize.calibration_samples
         return lambda: self.train.calibration_samples(shape, n, seed=self.cfg.seed)
 
 
-def _measure(ctx: _Ctx, stage: str, model_or_tflite, path: str, evaluation=None, fp32: Optional[bytes] = None
-             ) -> tuple[dict, np.ndarray]:
-    """Validation metrics plus size, params, MACs and measured latency of what a stage produced.
+def _split_metrics(ev) -> dict:
+    keys = ("accuracy", "macro_f1", "top5_accuracy", "per_class_recall", "mean_confidence", "num_samples",
+            "output_kind")
+    return {k: ev.metrics[k] for k in keys if k in ev.metrics}
 
-    ``evaluation`` (on ``ctx.val``) and ``fp32`` (the Keras model's fp32 .tflite), when a stage already made them,
-    are reused instead of being computed again."""
+
+def _latency(r) -> dict:
+    """p50 (median of the trials' p50s, 1 thread, batch 1) with each trial's p50, so speed-ups carry an interval."""
+    return {"latency_p50_ms": r.p50_interval.median, "latency_p50_trials_ms": list(r.trial_p50s),
+            "delegate": r.delegate}
+
+
+def _measure(ctx: _Ctx, stage: str, model_or_tflite, path: str, evaluation=None, fp32: Optional[bytes] = None,
+             model_bytes: Optional[int] = None) -> tuple[dict, dict]:
+    """VAL (and TEST) metrics plus size, params, MACs and measured latency of what a stage produced.
+
+    ``accuracy`` and the other top-level figures are on VAL (what the gates check); ``test`` holds the same figures
+    on TEST when there is one. ``evaluation`` (on ``ctx.val``) and ``fp32`` (the Keras model's fp32 .tflite), when
+    a stage already made them, are reused. ``model_bytes``: the .tflite's size without kcompress's metadata."""
     from kcompress.bench.host import bench_tflite
     from kcompress.evaluation import evaluate
     from kcompress.io import path_size
     from kcompress.modelinfo import count_macs, count_params
     from kcompress.quantization.ptq import convert
 
-    ev = evaluation or evaluate(model_or_tflite, ctx.val, description=f"validating {stage}")
-    m: dict[str, Any] = {
-        "stage": stage,
-        "accuracy": ev.accuracy,
-        "macro_f1": ev.metrics["macro_f1"],
-        "per_class_accuracy": ev.metrics["per_class_accuracy"],
-        "mean_confidence": ev.metrics["mean_confidence"],
-        "size_bytes": path_size(path),
-    }
+    ev = evaluation or evaluate(model_or_tflite, ctx.val, description=f"validating {stage} (val)")
+    m: dict[str, Any] = {"stage": stage, "split": "val", **_split_metrics(ev), "size_bytes": path_size(path)}
+    outputs = {"outputs": ev.outputs, "labels": ev.labels}
+    if ctx.test is not None:
+        tev = evaluate(model_or_tflite, ctx.test, description=f"testing {stage} (test)")
+        m["test"] = _split_metrics(tev)
+        outputs.update(test_outputs=tev.outputs, test_labels=tev.labels)
     if isinstance(model_or_tflite, (bytes, bytearray)):
         m["kind"] = "tflite"
-        m["tflite_bytes"] = len(model_or_tflite)
-        m["latency_p50_ms"] = bench_tflite(model_or_tflite, threads=1, runs=100, warmup=10).latency_ms.p50
+        m["tflite_bytes"] = model_bytes or len(model_or_tflite)
+        m.update(_latency(bench_tflite(model_or_tflite, threads=1, runs=30, warmup=10, trials=5)))
     else:
         model = model_or_tflite
         m["kind"] = "keras"
         m["params"] = count_params(model)["total"]
-        m["macs"] = count_macs(model)
+        m["macs"] = count_macs(model, input_shape=ctx.val.sample_shape)
         fp32 = fp32 or convert(model)
         m["tflite_fp32_bytes"] = len(fp32)
-        m["latency_p50_ms"] = bench_tflite(fp32, threads=1, runs=100, warmup=10).latency_ms.p50
-    return m, ev.outputs
+        m.update(_latency(bench_tflite(fp32, threads=1, runs=30, warmup=10, trials=5)))
+    return m, outputs
 
 
 # ------------------------------------------------------------------------------------------------------ stages
@@ -142,8 +158,13 @@ def _stage_distill(ctx: _Ctx, model, out_dir: str):
 
     c = ctx.cfg.distill
     student = load_model(c.student, stage="distill") if c.student else c.student_width
-    result = distill(model, student, ctx.train, ctx.val, c, seed=ctx.cfg.seed,
-                     checkpoint_dir=os.path.join(out_dir, "checkpoints"))
+    ckpt = os.path.join(out_dir, "checkpoints")
+    resume = ctx.resume_stage and os.path.exists(os.path.join(ckpt, "state.json"))
+    if resume:
+        ctx.log(f"continuing the interrupted distillation from {ckpt}")
+    elif os.path.isdir(ckpt):
+        shutil.rmtree(ckpt)  # checkpoints of other settings: this run starts over
+    result = distill(model, student, ctx.train, ctx.val, c, seed=ctx.cfg.seed, checkpoint_dir=ckpt, resume=resume)
     path = os.path.join(out_dir, "model.keras")
     save_model(result.student, path, overwrite=True)
     extra = {"teacher_params": result.teacher_params, "student_params": result.student_params,
@@ -208,24 +229,29 @@ def _stage_quantize(ctx: _Ctx, model, out_dir: str, prev_accuracy: float):
     return chosen, extra, chosen_ev
 
 
-def _final_metadata(ctx: _Ctx, records: list[StageRecord], extra: dict) -> dict:
+def _with_metadata(ctx: _Ctx, tfl: bytes, records: list[StageRecord], extra: dict) -> bytes:
+    """The final .tflite with kcompress's metadata: how to feed it (preprocessing, class names), the stages with
+    their settings and accuracies (VAL, and TEST when there is one), and the config hash."""
     from kcompress import __version__
+    from kcompress.quantization.metadata import add_metadata, deployment_info
 
     stages = []
     for r in records:
         section = getattr(ctx.cfg, {"train": "model"}.get(r.stage, r.stage))
-        stages.append({"stage": r.stage, "settings": section.to_dict(), "accuracy": r.metrics.get("accuracy")})
+        stages.append({"stage": r.stage, "settings": section.to_dict(), "val_accuracy": r.metrics.get("accuracy"),
+                       "test_accuracy": r.metrics.get("test", {}).get("accuracy")})
     settings = config_to_dict(ctx.cfg.quantize)
     if extra.get("method") == "qat":
         settings["qat_settings"] = config_to_dict(ctx.cfg.qat)
-    stages.append({"stage": "quantize", "settings": settings, "accuracy": extra.get("accuracy")})
-    return {
+    stages.append({"stage": "quantize", "settings": settings, "val_accuracy": extra.get("accuracy")})
+    return add_metadata(tfl, {
         "model_name": ctx.cfg.name,
         "kcompress_version": __version__,
         "config_hash": config_hash(ctx.cfg),
+        **deployment_info(ctx.train),
         "stages": stages,
         "metrics": extra,
-    }
+    })
 
 
 # -------------------------------------------------------------------------------------------------------- runner
@@ -242,21 +268,6 @@ def _stage_settings(cfg: RunConfig, stage: str) -> dict:
     if not (stage == "quantize" and (q.qat == QATPolicy.AUTO or q.auto_float_layers)):
         settings.pop("max_drop", None)
     return settings
-
-
-def _chain(prev: str, settings: dict) -> str:
-    """Hash of a stage's settings chained to the earlier stages'."""
-    text = prev + json.dumps(settings, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _done(stage_dir: str, chain: str) -> Optional[dict]:
-    try:
-        with open(os.path.join(stage_dir, "stage.json"), encoding="utf-8") as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return info if info.get("chain") == chain else None
 
 
 @dataclass(frozen=True)
@@ -314,9 +325,12 @@ def run_pipeline(config, run_dir: Optional[str] = None, overrides=(), resume: bo
 
 def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[str], None] = print
             ) -> list[StageRecord]:
-    """Runs every enabled stage; returns one record per stage. Raises GateFailed when a gate stops the run."""
-    from kcompress.io import atomic_write_bytes, load_model
-    from kcompress.quantization.metadata import add_metadata
+    """Runs every enabled stage; returns one record per stage. Raises GateFailed when a gate stops the run.
+
+    The resume chain starts from the model file's and the data's content (not their paths), so retraining
+    ``model.keras`` in place reruns every stage; ``run.json`` lists this run's stages, so the report leaves out the
+    folders of stages a later config disabled."""
+    from kcompress.io import atomic_write_bytes, load_model, write_json
 
     if os.path.exists(run_dir) and os.listdir(run_dir) and not resume:
         raise KcompressError(f"{run_dir} exists and is not empty; pass --resume to continue it or choose another -o")
@@ -324,29 +338,37 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
     with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         f.write(f"# config hash {config_hash(cfg)}\n" + dump_yaml(cfg))
     ctx = _Ctx(cfg, run_dir, log)
+    log(f"data: {ctx.splits.describe()}")
     plan = ["train"] if cfg.model.architecture else []
     plan += ["baseline"] + [name for name in ("distill", "prune", "quantize") if getattr(cfg, name).enabled]
     if cfg.quantize.enabled:
         plan.append("benchmark")
+    write_json(os.path.join(run_dir, "run.json"), {"stages": plan, "config_hash": config_hash(cfg),
+                                                   "splits": ctx.splits.describe()}, overwrite=True)
 
     records: list[StageRecord] = []
-    chain = _chain("", {"data": config_to_dict(cfg.data), "seed": cfg.seed, "model": config_to_dict(cfg.model)})
+    start = {"data": config_to_dict(cfg.data), "seed": cfg.seed, "model": config_to_dict(cfg.model),
+             "data_content": data_fingerprint(ctx.splits)}
+    if cfg.model.path:
+        start["model_content"] = content_fingerprint(cfg.model.path)
+    chain = chain_hash("", start)
     model = None if cfg.model.architecture else cfg.model.path
     base_acc: Optional[float] = None
     for stage in plan:
-        chain = _chain(chain, _stage_settings(cfg, stage))
+        chain = chain_hash(chain, _stage_settings(cfg, stage))
         sdir = os.path.join(run_dir, STAGE_DIRS[stage])
-        done = _done(sdir, chain) if resume else None
+        done = finished(sdir, chain) if resume else None
         if done is not None:
             with open(os.path.join(sdir, "metrics.json"), encoding="utf-8") as f:
                 metrics = json.load(f)
-            records.append(StageRecord(stage, sdir, done["model_path"], metrics, skipped=True))
+            model = stage_model(sdir, done)
+            records.append(StageRecord(stage, sdir, model, metrics, skipped=True))
             log(f"[{stage}] finished earlier, skipped")
-            model = done["model_path"]
         else:
             os.makedirs(sdir, exist_ok=True)
             if os.path.exists(os.path.join(sdir, "stage.json")):
                 os.unlink(os.path.join(sdir, "stage.json"))
+            ctx.resume_stage = started(sdir, chain)
             t0 = time.time()
             log(f"[{stage}] running in {sdir}")
             lines: list[str] = []
@@ -364,10 +386,12 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
             prev_acc = records[-1].metrics["accuracy"] if records else None
             if stage == "quantize":
                 tfl, extra, evaluation = _stage_quantize(ctx, model, sdir, prev_acc)
-                tfl = add_metadata(tfl, _final_metadata(ctx, records, extra))  # metadata leaves outputs alone
+                plain = len(tfl)
+                tfl = _with_metadata(ctx, tfl, records, extra)
                 path = os.path.join(sdir, "model.tflite")
                 atomic_write_bytes(path, tfl, overwrite=True)
-                metrics, outputs = _measure(ctx, stage, tfl, path, evaluation=evaluation)
+                metrics, outputs = _measure(ctx, stage, tfl, path, evaluation=evaluation, model_bytes=plain)
+                metrics["metadata_bytes"] = len(tfl) - plain
                 for key in ("params", "macs"):  # the same network, now in int8
                     metrics[key] = records[-1].metrics.get(key)
                 produced = path
@@ -380,18 +404,20 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
             metrics["seconds"] = round(time.time() - t0, 1)
             metrics["config_hash"] = config_hash(cfg)
             _write_json(os.path.join(sdir, "metrics.json"), metrics)
-            np.savez_compressed(os.path.join(sdir, "outputs.npz"), outputs=outputs, labels=ctx.val.labels)
+            np.savez_compressed(os.path.join(sdir, "outputs.npz"), **outputs)
             with open(os.path.join(sdir, "config.yaml"), "w", encoding="utf-8") as f:
                 f.write(f"# config hash {config_hash(cfg)}; stage {stage}\n" + dump_yaml(cfg))
             with open(os.path.join(sdir, "log.txt"), "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
             _write_json(os.path.join(sdir, "stage.json"),
-                        {"stage": stage, "chain": chain, "config_hash": config_hash(cfg), "model_path": produced,
-                         "finished": time.time()})
+                        {"stage": stage, "chain": chain, "config_hash": config_hash(cfg),
+                         "model_file": os.path.relpath(produced, sdir), "finished": time.time()})
             records.append(StageRecord(stage, sdir, produced, metrics))
             model = model if stage != "quantize" else produced
-            log(f"[{stage}] accuracy {100 * metrics['accuracy']:.2f}%, size {metrics['size_bytes'] / 1e3:.1f} kB, "
-                f"p50 {metrics['latency_p50_ms']:.3f} ms ({metrics['seconds']:.0f} s)")
+            test = f", test {100 * metrics['test']['accuracy']:.2f}%" if "test" in metrics else ""
+            log(f"[{stage}] val accuracy {100 * metrics['accuracy']:.2f}%{test}, size "
+                f"{metrics['size_bytes'] / 1e3:.1f} kB, p50 {metrics['latency_p50_ms']:.3f} ms "
+                f"({metrics['seconds']:.0f} s)")
         _gate(cfg, records, base_acc)
         if stage == "baseline":
             base_acc = ctx.baseline_accuracy = records[-1].metrics["accuracy"]
@@ -426,18 +452,24 @@ def _run_benchmark(ctx: _Ctx, records: list[StageRecord], sdir: str, chain: str)
 
     b = ctx.cfg.benchmark
     final = records[-1]
-    report = bench_report([final.model_path], tuple(b.threads), tuple(b.batch_sizes), b.runs, b.warmup)
+    report = bench_report([final.model_path], tuple(b.threads), tuple(b.batch_sizes), b.runs, b.warmup, b.trials)
     _write_json(os.path.join(sdir, "bench.json"), report.to_dict())
     metrics = dict(final.metrics)
     metrics["stage"] = "benchmark"
     metrics["bench"] = [
-        {"threads": r.threads, "batch_size": r.batch_size, "p50_ms": r.latency_ms.p50, "p95_ms": r.latency_ms.p95,
-         "throughput_per_s": r.throughput_per_s, "peak_rss_mb": r.memory_mb.get("peak_rss")}
+        {"threads": r.threads, "batch_size": r.batch_size, "p50_ms": r.p50_interval.median,
+         "p50_interval_ms": [r.p50_interval.low, r.p50_interval.high], "trials": r.p50_interval.trials,
+         "p95_ms": r.latency_ms.p95, "throughput_per_s": r.throughput_per_s, "delegate": r.delegate,
+         "io": r.extra.get("io"), "peak_rss_mb": r.memory_mb.get("peak_rss"),
+         "rss_increase_mb": r.memory_mb.get("rss_increase")}
         for r in report.results
     ]
     _write_json(os.path.join(sdir, "metrics.json"), metrics)
     _write_json(os.path.join(sdir, "stage.json"),
-                {"stage": "benchmark", "chain": chain, "model_path": final.model_path, "finished": time.time()})
+                {"stage": "benchmark", "chain": chain, "model_file": os.path.relpath(final.model_path, sdir),
+                 "finished": time.time()})
     for r in report.results:
-        ctx.log(f"threads {r.threads} batch {r.batch_size}: p50 {r.latency_ms.p50:.3f} ms")
+        i = r.p50_interval
+        ctx.log(f"threads {r.threads} batch {r.batch_size}: p50 {i.median:.3f} ms ({i.low:.3f}-{i.high:.3f}, "
+                f"{i.trials} trials), inference memory +{r.memory_mb.get('rss_increase') or 0:.1f} MB")
     return StageRecord("benchmark", sdir, final.model_path, metrics)

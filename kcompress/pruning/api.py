@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from kcompress.inputs import as_data, as_model, preprocess_of, resolve_options
+from kcompress.inputs import as_model, as_splits, preprocess_of, resolve_options
 from kcompress.options import PruneOptions
 from kcompress.types import PruneMethod
 
@@ -34,6 +34,7 @@ class PruneResult:
     after: dict
     warnings: tuple = ()
     keras3: bool = False
+    test: Optional[dict] = None  # before_accuracy / after_accuracy on TEST (chose nothing), when given
 
     @property
     def drop_points(self) -> Optional[float]:
@@ -53,7 +54,7 @@ class PruneResult:
         return {"method": str(self.method), "options": self.options.to_dict(),
                 "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
                 "drop_points": self.drop_points, "details": self.details, "before": self.before,
-                "after": self.after, "warnings": list(self.warnings)}
+                "after": self.after, "warnings": list(self.warnings), "test": self.test}
 
     def save(self, path: str, overwrite: bool = False) -> str:
         """Writes the pruned model (Keras 3 ``.keras`` when the input was Keras 3, else by extension)."""
@@ -71,7 +72,8 @@ def _measure(model, train, structured: bool, seed: int) -> dict:
     from kcompress.quantization.ptq import convert
 
     fp32 = convert(model)
-    out = {"params": count_params(model)["total"], "macs": count_macs(model), "fp32_tflite": sizes(fp32)}
+    out = {"params": count_params(model)["total"], "macs": count_macs(model, input_shape=train.sample_shape),
+           "fp32_tflite": sizes(fp32)}
     if structured:
         shape = input_shape(model)
         int8 = convert(model, QuantizeOptions(mode="int8", io="float"),
@@ -82,8 +84,8 @@ def _measure(model, train, structured: bool, seed: int) -> dict:
     return out
 
 
-def prune(model, train, val=None, *, method: Optional[str] = None, options: Optional[PruneOptions] = None,
-          preprocess=None, seed: int = 0, measure: bool = True, verbose: Optional[int] = None,
+def prune(model, train, val=None, *, test=None, test_split: float = 0.0, method: Optional[str] = None,
+          options: Optional[PruneOptions] = None, preprocess=None, seed: int = 0, measure: bool = True, verbose: Optional[int] = None,
           log: Callable[[str], None] = _quiet, **option_fields) -> PruneResult:
     """Prunes ``model`` with fine-tuning on ``train`` (best epoch chosen on ``val`` when given).
 
@@ -98,9 +100,8 @@ def prune(model, train, val=None, *, method: Optional[str] = None, options: Opti
     opts = resolve_options(PruneOptions, options, method=method, **option_fields)
     preprocess = preprocess_of(train, preprocess)
     m = as_model(model, stage="prune")
-    tr = as_data(train, preprocess, "train")
-    va = as_data(val, preprocess, "val") if val is not None else None
-    for d in (tr, va):
+    tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess)
+    for d in (tr, va, te):
         if d is not None:
             check_fits(d, input_shape(m.model), num_classes(m.model))
     structured = opts.method == PruneMethod.STRUCTURED
@@ -123,6 +124,9 @@ def prune(model, train, val=None, *, method: Optional[str] = None, options: Opti
         notes = list(r.warnings)
     before = _measure(m.model, tr, structured, seed) if measure else {}
     after = _measure(r.model, tr, structured, seed) if measure else {}
+    from kcompress.evaluation import test_figures
+
+    figures = test_figures({"before": m.model, "after": r.model}, te)
     return PruneResult(model=r.model, method=opts.method, options=opts, accuracy_before=r.accuracy_before,
                        accuracy_after=r.accuracy_after, details=details, before=before, after=after,
-                       warnings=tuple(notes), keras3=m.keras3)
+                       warnings=tuple(notes), keras3=m.keras3, test=figures)

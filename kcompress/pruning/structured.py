@@ -364,8 +364,9 @@ def _out_kernel(layer):
 
 
 def _ends_in_softmax(model) -> bool:
-    last = model.layers[-1]
-    return getattr(getattr(last, "activation", None), "__name__", "") == "softmax" or isinstance(last, L.Softmax)
+    from kcompress.evaluation import PROBABILITIES, output_kind
+
+    return output_kind(model) == PROBABILITIES
 
 
 def prune_once(model, options, target_macs: Optional[int] = None, ratio: Optional[float] = None,

@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from kcompress.bench.schema import SpeedUp, clearly_slower, speedup
 from kcompress.errors import UsageError
-from kcompress.inputs import as_data, as_model, describe, preprocess_of, resolve_options
+from kcompress.inputs import as_data, as_model, as_splits, describe, preprocess_of, resolve_options
 from kcompress.options import QATOptions, QuantizeOptions
 from kcompress.types import QuantMode
 
 __all__ = ["QuantizeResult", "SensitivityResult", "quantize", "qat", "sensitivity", "SLOWER_MARGIN"]
 
-SLOWER_MARGIN = 1.05  # a quantized model is called slower than fp32 when its p50 is this many times fp32's
+SLOWER_MARGIN = 1.05  # slower than fp32: every trial p50 above fp32's, and the median p50 this many times fp32's
 
 
 def _quiet(_msg: str) -> None:
@@ -26,7 +27,8 @@ def _quiet(_msg: str) -> None:
 @dataclass(frozen=True)
 class QuantizeResult:
     """Post-training quantization of one model, evaluated before (Keras or fp32) and after (the ``.tflite`` in
-    LiteRT) on the same data. Latencies are p50 at 1 thread, batch 1, on this host."""
+    LiteRT) on the same data. Latencies are p50 at 1 thread, batch 1, on this host: ``latency_*_ms`` the median of
+    the ``latency_*_trials_ms`` (the p50s of trials timed interleaved, fp32 and quantized in turn)."""
 
     tflite: bytes = field(repr=False)
     fp32_tflite: bytes = field(repr=False)
@@ -39,10 +41,15 @@ class QuantizeResult:
     latency_fp32_ms: float
     latency_ms: float
     float_layer_plan: Optional[dict] = None  # what float_layers auto chose and why
+    latency_fp32_trials_ms: tuple = ()  # per-trial p50s; empty: the single value above
+    latency_trials_ms: tuple = ()
+    test: Optional[dict] = None  # before_accuracy / after_accuracy on TEST (chose nothing), when given
+    metadata_bytes: int = 0  # kcompress's metadata in ``tflite`` (preprocessing, class names)
 
     @property
     def size_bytes(self) -> int:
-        return len(self.tflite)
+        """The model's bytes, without kcompress's metadata entry."""
+        return len(self.tflite) - self.metadata_bytes
 
     @property
     def fp32_size_bytes(self) -> int:
@@ -54,9 +61,15 @@ class QuantizeResult:
         return self.size_bytes / self.fp32_size_bytes
 
     @property
+    def speedup(self) -> SpeedUp:
+        """fp32 p50 over the quantized p50 per pair of trials, with its interval: above 1 is a speed-up."""
+        return speedup(self.latency_fp32_trials_ms or (self.latency_fp32_ms,),
+                       self.latency_trials_ms or (self.latency_ms,))
+
+    @property
     def latency_ratio(self) -> float:
-        """fp32 p50 over the quantized p50: above 1 is a speed-up."""
-        return self.latency_fp32_ms / self.latency_ms
+        """The median of :attr:`speedup`'s ratios; print it with its interval (``speedup.text()``)."""
+        return self.speedup.median
 
     @property
     def accuracy_delta(self) -> float:
@@ -74,16 +87,19 @@ class QuantizeResult:
 
     @property
     def slower(self) -> bool:
-        return self.latency_ms > self.latency_fp32_ms * SLOWER_MARGIN
+        """Slower than fp32 beyond the noise: the trials' p50 ranges do not overlap (and the medians differ by
+        ``SLOWER_MARGIN``). Overlapping ranges give no verdict."""
+        return clearly_slower(self.latency_fp32_trials_ms or (self.latency_fp32_ms,),
+                              self.latency_trials_ms or (self.latency_ms,), SLOWER_MARGIN)
 
     @property
     def hint(self) -> Optional[str]:
-        """Advice when the quantized model measured slower than fp32, else None."""
+        """Advice when the quantized model measured slower than fp32 (:attr:`slower`), else None."""
         if not self.slower:
             return None
-        mode = self.options.mode
-        return (f"{mode} measured {self.latency_ms / self.latency_fp32_ms:.2f}x SLOWER than fp32 here (1 thread, "
-                "batch 1). "
+        mode, s = self.options.mode, self.speedup
+        return (f"{mode} measured {1 / s.median:.2f}x SLOWER than fp32 here ({1 / s.high:.2f}-{1 / s.low:.2f}x over "
+                f"{s.trials} trial{'s' if s.trials != 1 else ''}; 1 thread, batch 1). "
                 + ("Dynamic-range kernels quantize activations on the fly; try mode int8. "
                    if mode == QuantMode.DYNAMIC else "")
                 + "Measure on the target device before choosing (kcompress device bench).")
@@ -95,7 +111,10 @@ class QuantizeResult:
                 "source_bytes": self.source_bytes, "fp32_tflite_bytes": self.fp32_size_bytes,
                 "size_bytes": self.size_bytes, "size_ratio": self.size_ratio,
                 "latency_fp32_p50_ms": self.latency_fp32_ms, "latency_p50_ms": self.latency_ms,
-                "latency_ratio": self.latency_ratio, "hint": self.hint, "float_layer_plan": self.float_layer_plan}
+                "latency_fp32_p50_trials_ms": list(self.latency_fp32_trials_ms),
+                "latency_p50_trials_ms": list(self.latency_trials_ms), "latency_ratio": self.latency_ratio,
+                "speedup": self.speedup.to_dict(), "hint": self.hint, "float_layer_plan": self.float_layer_plan,
+                "test": self.test, "metadata_bytes": self.metadata_bytes}
 
     def save(self, path: str, overwrite: bool = False) -> str:
         from kcompress.io import atomic_write_bytes
@@ -104,22 +123,26 @@ class QuantizeResult:
         return path
 
 
-def quantize(model, data, mode: Optional[str] = None, *, val_data=None, options: Optional[QuantizeOptions] = None,
-             preprocess=None, limit: Optional[int] = None, seed: int = 0, log: Callable[[str], None] = _quiet,
+def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_data=None, test_split: float = 0.0,
+             options: Optional[QuantizeOptions] = None, preprocess=None, limit: Optional[int] = None, seed: int = 0, log: Callable[[str], None] = _quiet,
              **option_fields) -> QuantizeResult:
     """Post-training quantization of ``model`` to a ``.tflite``, calibrated on ``data`` and checked in LiteRT.
 
     ``model``: a path (Keras 2/3 file, SavedModel, or a Keras 3 ``model.export()`` folder) or a Keras model.
     ``data``: calibration data (a spec or a DataSource); evaluation is on ``val_data`` when given, else on ``data``.
     Settings come from ``options`` and/or keywords of :class:`~kcompress.options.QuantizeOptions` (``mode="int8"``,
-    ``float_layers=("auto",)``, ``max_drop=0.3`` ...). ``limit`` evaluates a subset only.
+    ``float_layers=("auto",)``, ``max_drop=0.3`` ...). ``limit`` evaluates a stratified, seeded subset only.
+    ``test_data`` (or ``test_split`` of ``data``): TEST, which chose nothing; before and after are measured on it
+    too (``result.test``). The ``.tflite`` carries the preprocessing and class names as metadata.
     """
-    from kcompress.bench.host import bench_tflite
+    from kcompress import __version__
+    from kcompress.bench.host import bench_tflite_many
     from kcompress.data import check_fits
-    from kcompress.evaluation import evaluate
+    from kcompress.evaluation import evaluate, test_figures
     from kcompress.io import model_format, path_size
     from kcompress.litert.interpreter import TFLiteModel
     from kcompress.modelinfo import input_shape, num_classes
+    from kcompress.quantization.metadata import add_metadata, deployment_info
     from kcompress.quantization.ptq import convert
     from kcompress.quantization.sensitivity import choose_float_layers
 
@@ -139,10 +162,11 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, options:
         source = as_model(model, stage="quantize").model
         shape, classes = input_shape(source), num_classes(source)
         fp32 = None
-    src = as_data(data, preprocess)
-    val = as_data(val_data, preprocess, "val_data") if val_data is not None else src
-    check_fits(src, shape, classes)
-    check_fits(val, shape, classes)
+    src, val, test = as_splits(data, val_data, test_data, test_split=test_split, seed=seed, preprocess=preprocess)
+    val = val if val is not None else src
+    for d in (src, val, test):
+        if d is not None:
+            check_fits(d, shape, classes)
     if opts.auto_float_layers:
         log(f"Choosing float layers so the drop stays within {opts.max_drop} points ...")
     opts, plan = choose_float_layers(source, opts, src, val, log=log)  # no-op without float layers (exports)
@@ -154,14 +178,18 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, options:
     before = evaluate(fp32 if exported else source, val, limit=limit,
                       description="evaluating fp32" if exported else "evaluating keras")
     after = evaluate(quant, val, limit=limit, description="evaluating tflite")
-    lat_fp32 = bench_tflite(fp32, threads=1, runs=50, warmup=10).latency_ms.p50
-    lat_q = bench_tflite(quant, threads=1, runs=50, warmup=10).latency_ms.p50
-    return QuantizeResult(tflite=quant, fp32_tflite=fp32, options=opts, model=describe(model), data=val.name,
+    lat_fp32, lat_q = bench_tflite_many([fp32, quant], threads=1, runs=20, warmup=10, trials=5)  # interleaved
+    figures = test_figures({"before": fp32 if exported else source, "after": quant}, test)
+    plain = len(quant)
+    quant = add_metadata(quant, {"kcompress_version": __version__, **deployment_info(src)})
+    return QuantizeResult(tflite=quant, test=figures, metadata_bytes=len(quant) - plain, fp32_tflite=fp32, options=opts, model=describe(model), data=val.name,
                           before=before, after=after, source_bytes=path_size(path) if path else None,
-                          latency_fp32_ms=lat_fp32, latency_ms=lat_q, float_layer_plan=plan)
+                          latency_fp32_ms=lat_fp32.p50_interval.median, latency_ms=lat_q.p50_interval.median,
+                          float_layer_plan=plan, latency_fp32_trials_ms=lat_fp32.trial_p50s,
+                          latency_trials_ms=lat_q.trial_p50s)
 
 
-def qat(model, data, *, val_data=None, options: Optional[QATOptions] = None,
+def qat(model, data, *, val_data=None, test_data=None, test_split: float = 0.0, options: Optional[QATOptions] = None,
         quantize: Optional[QuantizeOptions] = None, preprocess=None, seed: int = 0, bench: bool = True,
         log: Callable[[str], None] = _quiet, **option_fields):
     """Quantization-aware training of ``model`` on ``data``, exported to int8 and compared with fp32 and PTQ int8
@@ -169,6 +197,8 @@ def qat(model, data, *, val_data=None, options: Optional[QATOptions] = None,
 
     Keywords are fields of :class:`~kcompress.options.QATOptions` (``epochs``, ``lr``, ...); the int8 settings
     (``per_channel``, ``io``, ``float_layers`` including ``("auto",)``, ``max_drop``) come from ``quantize``.
+    ``test_data`` (or ``test_split`` of ``data``): TEST, chose nothing; the fp32 model and the QAT ``.tflite`` are
+    measured on it afterwards (``result.test``).
     """
     from kcompress.quantization.qat import qat as run_qat
     from kcompress.quantization.sensitivity import choose_float_layers
@@ -177,15 +207,18 @@ def qat(model, data, *, val_data=None, options: Optional[QATOptions] = None,
     preprocess = preprocess_of(data, preprocess)
     q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8)
     m = as_model(model, stage="qat").model
-    train = as_data(data, preprocess)
-    val = as_data(val_data, preprocess, "val_data") if val_data is not None else None
+    train, val, test = as_splits(data, val_data, test_data, test_split=test_split, seed=seed, preprocess=preprocess)
     if q.auto_float_layers:
         log(f"choosing float layers (max drop {q.max_drop} points on VAL) ...")
     q, plan = choose_float_layers(m, q, train, val or train, log=log)
     result = run_qat(m, train, val, opts, q, seed=seed, bench=bench, log=log)
     if plan is not None:
         result.info["float_layer_plan"] = plan
-    return result
+    from dataclasses import replace
+
+    from kcompress.evaluation import test_figures
+
+    return replace(result, test=test_figures({"fp32": m, "qat": result.tflite}, test))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The ``kcompress`` metadata entry of a ``.tflite``: config hash, stages and validated metrics, as JSON.
+"""The ``kcompress`` metadata entry of a ``.tflite``: how to feed it (``input``: the preprocessing; ``class_names``),
+and, from pipelines, the config hash, stages and validated metrics, as JSON.
 
 Interpreters ignore metadata they do not know, so a file runs as before (checked by a smoke run).
 """
@@ -10,9 +11,21 @@ from typing import Optional
 
 from kcompress.quantization.ptq import smoke_test
 
-__all__ = ["METADATA_NAME", "add_metadata", "read_metadata"]
+__all__ = ["METADATA_NAME", "add_metadata", "read_metadata", "deployment_info"]
 
 METADATA_NAME = "kcompress"
+
+
+def deployment_info(data) -> dict:
+    """What whoever deploys the file needs to feed it, from the data it was validated on: the preprocessing
+    (``x * scale + offset``, then ``(x - mean) / std``, applied to float inputs before any int8 quantization of the
+    input) and the class names in output order."""
+    pre = data.preprocess.to_dict()
+    source = {"folder": "image files decoded to float pixels 0-255, resized (bilinear) to the input size",
+              "npz": "arrays as stored in the .npz", "builtin": f"the built-in data set {data.name}"}[data.kind]
+    return {"input": {"source": source, "preprocess": pre,
+                      "formula": "x * scale + offset, then (x - mean) / std (per channel)"},
+            "class_names": list(data.class_names)}
 
 
 def add_metadata(data: bytes, info: dict) -> bytes:

@@ -55,10 +55,9 @@ L = keras.layers
 
 
 def _ends_in_softmax(model) -> bool:
-    last = model.layers[-1]
-    last = getattr(last, "layer", last)
-    act = getattr(getattr(last, "activation", None), "__name__", "")
-    return act == "softmax" or isinstance(last, L.Softmax)
+    from kcompress.evaluation import PROBABILITIES, output_kind
+
+    return output_kind(model) == PROBABILITIES
 
 
 def export_tflite(qmodel, data: DataSource, quantize: QuantizeOptions, seed: int = 0) -> bytes:
@@ -195,6 +194,7 @@ class QATResult:
     warnings: tuple
     verdict: str
     evaluation: Any = field(default=None, repr=False)  # the QAT int8 .tflite in LiteRT on VAL
+    test: Optional[dict] = None  # fp32_accuracy / qat_accuracy on TEST (chose nothing), when given
 
     def accuracy(self, model: str) -> Optional[float]:
         """The VAL accuracy of the row named ``fp32``, ``PTQ int8`` or ``QAT int8`` (None when not measured)."""
@@ -228,6 +228,7 @@ class QATResult:
             "keras_qat_accuracy": self.keras_qat_accuracy,
             "warnings": list(self.warnings),
             "verdict": self.verdict,
+            "test": self.test,
         }
 
 
