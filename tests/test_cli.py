@@ -227,6 +227,11 @@ def test_quantize_float_layers_auto(cnn_path, tmp_path):
     assert d["test"]["num_samples"] == test.num_samples
     assert evaluate(str(out), scaled).accuracy == pytest.approx(d["test"]["after_accuracy"], abs=1e-12)
     assert evaluate(cnn_path, scaled).accuracy == pytest.approx(d["test"]["before_accuracy"], abs=1e-12)
+    from kcompress.quantization.metadata import read_metadata
+
+    meta = read_metadata(str(out))  # how to feed the file travels with it; the reported size leaves it out
+    assert meta["input"]["preprocess"]["scale"] == pytest.approx(1 / 255) and len(meta["class_names"]) == 10
+    assert d["size_bytes"] + d["metadata_bytes"] == os.path.getsize(out)
     # --max-drop is also the gate: a budget no int8 model can meet writes the file and exits 1, saying so
     r = run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "--max-drop", "-50", "-o", tmp_path / "x.tflite")
     assert r.exit_code == 1 and "more than --max-drop -50" in r.output and (tmp_path / "x.tflite").exists()

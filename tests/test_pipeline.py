@@ -85,7 +85,7 @@ def test_loosening_a_gate_and_resuming_does_not_redo_the_stage(cnn_path, tmp_pat
 
 def test_gate_stops_the_run_naming_the_stage_and_keeps_artifacts(cnn_path, tmp_path):
     run_dir = str(tmp_path / "gated")
-    with pytest.raises(GateFailed, match=r"stage quantize dropped accuracy by .* more than its max_drop -100"):
+    with pytest.raises(GateFailed, match=r"stage quantize dropped VAL accuracy by .* more than its max_drop -100"):
         execute(_cfg(cnn_path, max_drop=-100.0), run_dir, log=lambda m: None)
     assert os.path.exists(os.path.join(run_dir, "04-quantize", "model.tflite"))
     assert not os.path.exists(os.path.join(run_dir, "05-benchmark"))

@@ -183,6 +183,9 @@ def test_cli_qat_and_sensitivity(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert "PTQ int8" in r.output and "QAT int8" in r.output and "folded" in r.output
     assert TFLiteModel(out).input_dtype == np.int8
+    from kcompress.quantization.metadata import read_metadata
+
+    assert read_metadata(out)["class_names"] == [str(i) for i in range(10)]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "--overwrite" in r.output
     js = str(tmp_path / "s.json")

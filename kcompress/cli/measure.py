@@ -91,7 +91,7 @@ def demo(overrides, out_dir: str, overwrite: bool) -> None:
 @option(BaselineOptions, "threads")
 @option(BaselineOptions, "runs")
 @option(BaselineOptions, "warmup")
-@click.option("--limit", type=int, default=None, help="Evaluate only the first N samples.")
+@click.option("--limit", type=int, default=None, help="Evaluate a stratified random sample of N (seeded).")
 @click.option("--json", "as_json", is_flag=True, help="Print the baseline record as JSON too.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @preprocess_options
@@ -148,7 +148,7 @@ def baseline(model: str, data: str, out: Optional[str], batch_sizes: str, thread
 @click.option("--data", required=True, help="Labelled data: image folder, .npz (x, y) or built-in name.")
 @click.option("--reference", default=None, help="Another model or .tflite: agreement and per-class differences.")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--limit", type=int, default=None, help="Only the first N samples.")
+@click.option("--limit", type=int, default=None, help="Only a stratified random sample of N (seeded).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top level has 'accuracy').")
 @preprocess_options
 @handle_errors
@@ -310,11 +310,21 @@ def inspect_cmd(model: str, as_json: bool) -> None:
     )
     if info.get("metadata"):
         meta = info["metadata"]
-        con.print(f"kcompress metadata: model {meta.get('model_name')}, kcompress {meta.get('kcompress_version')}, "
-                      f"config hash {meta.get('config_hash')}")
+        con.print(f"kcompress metadata: model {meta.get('model_name') or '-'}, kcompress "
+                  f"{meta.get('kcompress_version')}, config hash {meta.get('config_hash') or '-'}")
+        if meta.get("input"):
+            pre = meta["input"]["preprocess"]
+            con.print(f"  feed it: {meta['input']['source']}; then x * {pre['scale']:g} + {pre['offset']:g}, "
+                      f"(x - {pre['mean']}) / {pre['std']}", markup=False)
+        if meta.get("class_names"):
+            names = meta["class_names"]
+            con.print(f"  classes ({len(names)}): {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}",
+                      markup=False)
         for st in meta.get("stages", []):
-            acc = st.get("accuracy")
-            con.print(f"  {st['stage']}: accuracy {pct(acc)}; " + ", ".join(
+            acc = st.get("val_accuracy", st.get("accuracy"))
+            test = f", test {pct(st['test_accuracy'])}" if st.get("test_accuracy") is not None else ""
+            con.print(f"  {st['stage']}: val accuracy {pct(acc)}{test}; " + ", ".join(
                 f"{k}={v}" for k, v in st.get("settings", {}).items() if k in KEY_SETTINGS))
-        con.print("  validated metrics: " + json.dumps(meta.get("metrics", {}), sort_keys=True))
+        if meta.get("metrics"):
+            con.print("  validated metrics (val): " + json.dumps(meta["metrics"], sort_keys=True))
     con.print("tensor bytes by dtype: " + ", ".join(f"{k} {mb(v['bytes'])}" for k, v in info["tensor_dtypes"].items()))

@@ -102,7 +102,7 @@ def report(run_dirs, out_dir: Optional[str]) -> None:
 @click.argument("model_a")
 @click.argument("model_b")
 @click.option("--data", required=True, help="Labelled data both models are evaluated on.")
-@click.option("--limit", type=int, default=None, help="Only the first N samples.")
+@click.option("--limit", type=int, default=None, help="Only a stratified random sample of N (seeded).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @preprocess_options
 @handle_errors

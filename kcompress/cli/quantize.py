@@ -112,7 +112,7 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     r.save(out, overwrite=overwrite)
     if as_json:
         print_json({**r.to_dict(), "out": out})
-        _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out)
+        _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, r.data)
         return
     _print_plan(con, r.float_layer_plan)
     split = "val" if val_data else "data"
@@ -130,12 +130,12 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     if r.hint:
         con.print(f"Hint: {r.hint}")
     wrote(out)
-    _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out)
+    _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, r.data)
 
 
-def _gate(ok: bool, drop: float, max_drop: float, out: str) -> None:
+def _gate(ok: bool, drop: float, max_drop: float, out: str, split: str) -> None:
     if not ok:
-        click.echo(f"Error: quantization lost {drop:.2f} points, more than --max-drop {max_drop} (the model was "
+        click.echo(f"Error: quantization lost {drop:.2f} points on {split}, more than --max-drop {max_drop} (the model was "
                    f"written to {out}; try --float-layers auto or kcompress qat)", err=True)
         sys.exit(1)
 

@@ -434,7 +434,7 @@ def _gate(cfg: RunConfig, records: list[StageRecord], base_acc: Optional[float])
     drop = 100 * (prev.metrics["accuracy"] - cur.metrics["accuracy"])
     if drop > section.max_drop:
         raise GateFailed(
-            f"stage {cur.stage} dropped accuracy by {drop:.2f} points ({100 * prev.metrics['accuracy']:.2f}% -> "
+            f"stage {cur.stage} dropped VAL accuracy by {drop:.2f} points ({100 * prev.metrics['accuracy']:.2f}% -> "
             f"{100 * cur.metrics['accuracy']:.2f}%), more than its max_drop {section.max_drop}; artifacts kept in "
             f"{cur.dir}"
         )
@@ -442,7 +442,7 @@ def _gate(cfg: RunConfig, records: list[StageRecord], base_acc: Optional[float])
         total = 100 * (base_acc - cur.metrics["accuracy"])
         if total > cfg.max_drop:
             raise GateFailed(
-                f"after stage {cur.stage} the run is {total:.2f} points below the baseline, more than max_drop "
+                f"after stage {cur.stage} the run is {total:.2f} points below the baseline on VAL, more than max_drop "
                 f"{cfg.max_drop}; artifacts kept in {cur.dir}"
             )
 

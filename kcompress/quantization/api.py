@@ -216,9 +216,13 @@ def qat(model, data, *, val_data=None, test_data=None, test_split: float = 0.0, 
         result.info["float_layer_plan"] = plan
     from dataclasses import replace
 
+    from kcompress import __version__
     from kcompress.evaluation import test_figures
+    from kcompress.quantization.metadata import add_metadata, deployment_info
 
-    return replace(result, test=test_figures({"fp32": m, "qat": result.tflite}, test))
+    figures = test_figures({"fp32": m, "qat": result.tflite}, test)
+    return replace(result, test=figures,
+                   tflite=add_metadata(result.tflite, {"kcompress_version": __version__, **deployment_info(train)}))
 
 
 @dataclass(frozen=True)
