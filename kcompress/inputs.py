@@ -97,9 +97,10 @@ def as_data(data: Any, preprocess=None, what: str = "data"):
 
 
 def as_splits(train: Any, val: Any = None, test: Any = None, *, test_split: float = 0.0, seed: int = 0,
-              preprocess=None):
+              preprocess=None, train_limit: Optional[int] = None):
     """``(train, val, test)`` DataSources for the API's techniques: ``test_split`` carves TEST out of TRAIN
-    (stratified, seeded) instead of ``test``; VAL and TEST must have TRAIN's classes. ``val``/``test`` may be None."""
+    (stratified, seeded) instead of ``test``; ``train_limit`` then keeps a stratified seeded subset of TRAIN for
+    quick runs; VAL and TEST must have TRAIN's classes. ``val``/``test`` may be None."""
     from kcompress.data import check_same_classes
 
     tr = as_data(train, preprocess, "train")
@@ -109,6 +110,8 @@ def as_splits(train: Any, val: Any = None, test: Any = None, *, test_split: floa
         if te is not None:
             raise UsageError("give test data or test_split, not both")
         tr, te = tr.split(test_split, seed=seed, what="test")
+    if train_limit:
+        tr = tr.subset(train_limit, seed=seed)
     check_same_classes(tr, va)
     check_same_classes(tr, te)
     return tr, va, te

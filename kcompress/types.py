@@ -15,8 +15,11 @@ __all__ = [
     "QATPolicy",
     "PruneMethod",
     "Criterion",
+    "Granularity",
     "PruneSchedule",
     "CacheTeacher",
+    "Optimizer",
+    "LRSchedule",
     "Target",
     "Architecture",
     "Delegate",
@@ -74,6 +77,14 @@ class Criterion(StrEnum):
     TAYLOR = "taylor"  # |activation x gradient|, from a few training batches
 
 
+class Granularity(StrEnum):
+    """What structured pruning removes."""
+
+    CHANNEL = "channel"  # filters/channels (every group keeps some)
+    BLOCK = "block"  # whole identity residual blocks (the least important on VAL first)
+    BOTH = "both"  # blocks for half of the target, then channels for the rest
+
+
 class PruneSchedule(StrEnum):
     POLYNOMIAL = "polynomial"
     CONSTANT = "constant"
@@ -86,6 +97,21 @@ class CacheTeacher(StrEnum):
     MEMORY = "memory"
     DISK = "disk"
     OFF = "off"  # the teacher runs every step
+
+
+class Optimizer(StrEnum):
+    """The optimizer of every training stage (the ``train`` section)."""
+
+    SGD = "sgd"  # Nesterov momentum; weight decay as L2 on the kernels' gradients
+    ADAMW = "adamw"  # Adam with decoupled weight decay
+    ADAM = "adam"  # weight decay (when given) as L2 on the kernels' gradients
+
+
+class LRSchedule(StrEnum):
+    """How a training stage's learning rate moves over its steps (after the linear warm-up)."""
+
+    COSINE = "cosine"  # half a cosine from the stage's rate to 0 at its last step
+    CONSTANT = "constant"
 
 
 class Target(StrEnum):

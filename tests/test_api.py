@@ -25,6 +25,7 @@ from kcompress.options import (
     PruneOptions,
     QATOptions,
     QuantizeOptions,
+    TrainOptions,
 )
 from kcompress.pipeline.config import RunConfig
 
@@ -95,12 +96,13 @@ COMMANDS = {
     PruneOptions: ("prune", {"enabled": "pipeline only"}),
     BaselineOptions: ("baseline", {}),
     BenchmarkOptions: ("bench", {}),
+    TrainOptions: ("distill", {}),  # and prune, qat: test_every_training_command_has_the_train_flags
     DataOptions: ("quantize", {"train": "--data", "val": "--val-data", "train_limit": "pipeline only",
                                "test": "--test-data", "val_split": "pipeline only (give --val-data)"}),
 }
 CLI_ONLY = {"data", "data_spec", "val_data", "val_spec", "out", "overwrite", "as_json", "limit", "seed", "model",
             "model_path", "models", "teacher", "resume", "per_tensor", "keras_out", "scale", "offset", "mean", "std",
-            "test_data", "test_split"}  # the data section's test and test_split
+            "test_data", "test_split", "train_limit"}  # the data section's test and test_split
 
 
 def _command(name):
@@ -128,11 +130,24 @@ def test_every_option_has_a_flag_and_a_config_key_with_the_same_default(cls):
         else:
             built = build(cls, **{f.name: cli_default})
             assert getattr(built, f.name) == getattr(cls(), f.name), f"--{f.name} default differs"
-    if cls is not DataOptions:  # the other way round: every flag is a setting, or a documented CLI-only one
+    if cls not in (DataOptions, TrainOptions):  # the other way round: every flag is a setting, or a CLI-only one
         names = {f.name for f in dataclasses.fields(cls)}
         from_quantize = {f.name for f in dataclasses.fields(QuantizeOptions)}  # qat takes the int8 settings
-        extra = set(params) - names - CLI_ONLY - (from_quantize if cls is QATOptions else set())
+        from_train = {f.name for f in dataclasses.fields(TrainOptions)} if command in TRAINING else set()
+        extra = set(params) - names - CLI_ONLY - (from_quantize if cls is QATOptions else set()) - from_train
         assert not extra, f"`kcompress {command}` flags without a config key: {extra}"
+
+
+TRAINING = ("distill", "prune", "qat")  # the commands that train: each takes the train section's flags
+
+
+@pytest.mark.parametrize("command", TRAINING)
+def test_every_training_command_has_the_train_flags(command):
+    params = {p.name: p for p in _command(command).params}
+    for f in dataclasses.fields(TrainOptions):
+        assert f.name in params, f"TrainOptions.{f.name} has no flag on `kcompress {command}`"
+        default = params[f.name].default
+        assert build(TrainOptions, **{f.name: default}) == TrainOptions(), f"--{f.name} default differs"
 
 
 @pytest.mark.parametrize("override, key", [

@@ -234,4 +234,36 @@ def test_quantize_float_layers_auto(cnn_path, tmp_path):
     assert d["size_bytes"] + d["metadata_bytes"] == os.path.getsize(out)
     # --max-drop is also the gate: a budget no int8 model can meet writes the file and exits 1, saying so
     r = run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "--max-drop", "-50", "-o", tmp_path / "x.tflite")
-    assert r.exit_code == 1 and "more than --max-drop -50" in r.output and (tmp_path / "x.tflite").exists()
+    assert r.exit_code == 1 and "more than --max-drop -50" in r.output
+    assert (tmp_path / "x.FAILED.tflite").exists() and not (tmp_path / "x.tflite").exists()
+
+
+def test_quantize_mode_fp32_writes_a_plain_float_tflite(cnn_path, tmp_path):
+    from kcompress.evaluation import evaluate
+    from kcompress.litert.interpreter import TFLiteModel
+
+    out = tmp_path / "f.tflite"
+    r = run_cli("quantize", cnn_path, "--data", "digits:val", *SCALE, "--mode", "fp32", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert TFLiteModel(str(out)).input_dtype == np.float32
+    assert abs(d["accuracy_delta"]) < 1e-9 and d["size_ratio"] == 1.0  # the same network, in float
+    from kcompress.data import Preprocess, open_data
+
+    val = open_data("digits:val", Preprocess(scale=1 / 255))
+    assert evaluate(str(out), val).accuracy == pytest.approx(evaluate(cnn_path, val).accuracy, abs=1e-12)
+
+
+def test_long_work_prints_a_heartbeat_in_logs(monkeypatch, capsys):
+    """Not a terminal (a pipe, a log): a line every HEARTBEAT_S seconds of long work, nothing for short work."""
+    import kcompress.progress as p
+
+    with p.progress("scoring", total=3) as bar:
+        bar.advance(3)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(p, "HEARTBEAT_S", 0.0)
+    with p.progress("teacher outputs (cache)", total=300) as bar:
+        bar.advance(100)
+        bar.advance(200)
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["teacher outputs (cache): 100/300", "teacher outputs (cache): 300/300"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import typing
 from enum import Enum
@@ -16,7 +17,7 @@ from typing import Any, Iterable, Optional, Sequence
 import click
 
 from kcompress.errors import UsageError
-from kcompress.options import DataOptions, OptionError, doc
+from kcompress.options import DataOptions, OptionError, TrainOptions, doc
 
 __all__ = [
     "console",
@@ -31,7 +32,11 @@ __all__ = [
     "flag_name",
     "build",
     "preprocess_options",
+    "train_options",
+    "train_settings",
     "test_options",
+    "train_limit_option",
+    "failed_name",
     "print_test",
     "preprocess",
     "int_list",
@@ -149,6 +154,29 @@ def preprocess_options(fn):
     return fn
 
 
+TRAIN_FLAGS = ("augment", "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_epochs")
+
+
+def train_options(fn):
+    """--augment/--optimizer/--momentum/--weight-decay/--lr-schedule/--warmup-epochs (the train section's keys),
+    shared by every command that trains; :func:`train_settings` turns them into a TrainOptions."""
+    for name in reversed(TRAIN_FLAGS):
+        fn = option(TrainOptions, name)(fn)
+    return fn
+
+
+def train_settings(kw: dict) -> TrainOptions:
+    """Pops the train section's values from a command's keyword arguments -> a TrainOptions (bad value: exit 2)."""
+    return build(TrainOptions, **{name: kw.pop(name) for name in TRAIN_FLAGS})
+
+
+def train_limit_option(fn):
+    """--train-limit N: train on a stratified seeded subset (the data section's train_limit)."""
+    return click.option("--train-limit", type=int, default=None,
+                        help="Train on a stratified random subset of this many samples of --data (seeded; for "
+                             "quick runs; config: data.train_limit).")(fn)
+
+
 def test_options(fn):
     """--test-data / --test-split: TEST, the split that chooses nothing and is only reported."""
     fn = click.option("--test-split", type=float, default=0.0, show_default=True,
@@ -164,6 +192,14 @@ def print_test(figures: Optional[dict], names: Sequence[str]) -> None:
         return
     parts = ", ".join(f"{n} {pct(figures[f'{n}_accuracy'])}" for n in names)
     click.echo(f"TEST ({figures['data']}, {figures['num_samples']} samples, chose nothing): {parts}")
+
+
+def failed_name(out: str) -> str:
+    """Where a result that missed its --max-drop is written: ``student.keras`` -> ``student.FAILED.keras``, so a
+    file at OUT is always one that passed, and the failed one is kept for inspection."""
+    base = out.rstrip("/")
+    stem, ext = os.path.splitext(base)
+    return f"{stem}.FAILED{ext}" if ext else f"{base}.FAILED"
 
 
 def preprocess(kw: dict):

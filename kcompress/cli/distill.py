@@ -10,6 +10,7 @@ import click
 from kcompress.cli import handle_errors
 from kcompress.cli.console import (
     build,
+    failed_name,
     option,
     pct,
     preprocess,
@@ -17,6 +18,9 @@ from kcompress.cli.console import (
     print_json,
     print_test,
     test_options,
+    train_limit_option,
+    train_options,
+    train_settings,
     wrote,
 )
 from kcompress.options import DistillOptions
@@ -35,6 +39,7 @@ def default_output(teacher_path: str) -> str:
 @click.option("--data", required=True, help="Training data: image folder, .npz (x, y) or built-in name.")
 @click.option("--val-data", default=None, help="Validation data (VAL): teacher check, best epoch.")
 @test_options
+@train_limit_option
 @option(DistillOptions, "student")
 @option(DistillOptions, "student_width")
 @option(DistillOptions, "temperature")
@@ -47,6 +52,7 @@ def default_output(teacher_path: str) -> str:
 @option(DistillOptions, "min_teacher_accuracy")
 @option(DistillOptions, "cache_teacher")
 @option(DistillOptions, "max_drop")
+@train_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (config: seed).")
 @preprocess_options
 @click.option("-o", "--out", default=None, help="Output student model [default: TEACHER_student.keras].")
@@ -56,7 +62,7 @@ def default_output(teacher_path: str) -> str:
 @handle_errors
 def distill_cmd(teacher, data, val_data, student, student_width, temperature, alpha, temperature_schedule, epochs,
                 batch_size, lr, patience, min_teacher_accuracy, cache_teacher, max_drop, seed, out, as_json, resume,
-                overwrite, test_data, test_split, **kw):
+                overwrite, test_data, test_split, train_limit, **kw):
     """Train a smaller student to imitate a teacher (knowledge distillation).
 
     The loss is alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(teacher_T || student_T). The teacher is
@@ -83,13 +89,19 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
     out = out or default_output(teacher)
     check_output_path(out, overwrite or resume)
     log = (lambda m: None) if as_json else click.echo
-    result = kc.distill(teacher, data, val_data, test=test_data, test_split=test_split, options=opts, preprocess=preprocess(kw), seed=seed,
+    topts = train_settings(kw)
+    result = kc.distill(teacher, data, val_data, test=test_data, test_split=test_split, train_limit=train_limit,
+                        options=opts, preprocess=preprocess(kw), seed=seed,
                         checkpoint_dir=out.rstrip("/") + ".ckpt", resume=resume, overwrite_checkpoints=overwrite,
-                        log=log)
-    result.save(out, overwrite=True)
+                        log=log, train_options=topts)
+    final = out
+    if not result.within_max_drop:
+        final = failed_name(out)
+        check_output_path(final, True)
+    result.save(final, overwrite=True)
     result.discard_checkpoints()
     if as_json:
-        print_json({**result.to_dict(), "out": out})
+        print_json({**result.to_dict(), "out": final})
     else:
         click.echo(f"teacher accuracy {pct(result.teacher_accuracy)} on {'VAL' if val_data else 'the training data'}")
         if result.best_epoch is not None:
@@ -97,8 +109,9 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
             click.echo(f"best epoch {result.best_epoch} of {len(result.history)}{acc} "
                        f"(teacher outputs cache: {result.cache})")
         print_test(result.test, ("teacher", "student"))
-        wrote(out, "as a Keras 3 model, like the teacher" if result.keras3 else "")
+        wrote(final, "as a Keras 3 model, like the teacher" if result.keras3 else "")
     if not result.within_max_drop:
         click.echo(f"Error: the student is {result.drop_points:.2f} points below the teacher on VAL, more than "
-                   f"--max-drop {opts.max_drop} (it was written to {out}; train longer or widen it)", err=True)
+                   f"--max-drop {opts.max_drop} (kept as {final}, not {out}; train longer, use --augment, or widen "
+                   "the student)", err=True)
         sys.exit(KcompressError.exit_code)

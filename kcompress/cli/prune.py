@@ -13,6 +13,7 @@ from kcompress.cli import handle_errors
 from kcompress.cli.console import (
     build,
     console,
+    failed_name,
     flag_name,
     mb,
     ms,
@@ -23,6 +24,9 @@ from kcompress.cli.console import (
     print_json,
     print_table,
     test_options,
+    train_limit_option,
+    train_options,
+    train_settings,
     wrote,
 )
 from kcompress.options import PruneOptions
@@ -30,7 +34,8 @@ from kcompress.options import PruneOptions
 __all__ = ["prune"]
 
 MAGNITUDE_ONLY = {"sparsity", "schedule", "initial_sparsity", "block", "skip"}
-STRUCTURED_ONLY = {"target_flops", "ratio", "criterion", "rounds", "channel_multiple"}
+STRUCTURED_ONLY = {"target_flops", "ratio", "criterion", "rounds", "channel_multiple", "granularity",
+                   "target_latency_ms"}
 
 
 def _default_out(model_path: str, method: str) -> str:
@@ -46,6 +51,7 @@ def _default_out(model_path: str, method: str) -> str:
 @click.option("--data", "data_spec", required=True, help="TRAIN data for fine-tuning (folder, .npz or built-in name).")
 @click.option("--val-data", "val_spec", default=None, help="VAL data: accuracy before/after and best-epoch choice.")
 @test_options
+@train_limit_option
 @option(PruneOptions, "method")
 @option(PruneOptions, "sparsity")
 @option(PruneOptions, "schedule")
@@ -58,10 +64,13 @@ def _default_out(model_path: str, method: str) -> str:
 @option(PruneOptions, "criterion")
 @option(PruneOptions, "rounds")
 @option(PruneOptions, "channel_multiple")
+@option(PruneOptions, "granularity")
+@option(PruneOptions, "target_latency_ms")
 @option(PruneOptions, "epochs")
 @option(PruneOptions, "lr")
 @option(PruneOptions, "batch_size")
 @option(PruneOptions, "max_drop")
+@train_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed (config: seed).")
 @preprocess_options
 @click.option("-o", "--out", default=None, help="Output model [MODEL_<method>.keras next to MODEL].")
@@ -70,12 +79,16 @@ def _default_out(model_path: str, method: str) -> str:
 @handle_errors
 def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_sparsity, block, skip, target_flops,
           ratio, criterion, rounds, channel_multiple, epochs, lr, batch_size, max_drop, seed, out, as_json, overwrite,
-          test_data, test_split, **kw):
+          test_data, test_split, train_limit, **kw):
     """Prune MODEL with fine-tuning on --data and write a plain Keras model (Keras 3 in, Keras 3 out).
 
     \b
     structured: removes whole channels (residual Add groups share one mask) and rebuilds a smaller,
       faster dense model; fp32/int8 TFLite size and latency are measured before and after.
+      --granularity block|both also removes whole identity residual blocks (least VAL loss per MAC
+      first); --target-latency-ms prunes until the fp32 .tflite's p50 on this host (1 thread) is at
+      most that. Small models spend much of their time in per-op overhead: removing blocks (fewer ops)
+      cuts latency more than removing channels does for the same MACs.
     magnitude: unstructured sparsity through tfmot on the layers it can prune (the rest stay dense).
       The file only shrinks after compression (gzip size shown); latency does not change.
     A result more than --max-drop points below MODEL on VAL is written, and the command exits 1 saying so.
@@ -85,6 +98,7 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
       kcompress prune model.keras --data train/ --val-data val/ --method magnitude --sparsity 0.8 --epochs 8
       kcompress prune model.keras --data train/ --val-data val/ --target-flops 0.5 \\
           --rounds 3 --epochs 6 --scale 1/255
+      kcompress prune resnet.keras --data train/ --val-data val/ --granularity both --target-latency-ms 2.5
     """
     import kcompress as kc
     from kcompress.errors import KcompressError, UsageError
@@ -97,22 +111,32 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
     if wrong:
         flags = ", ".join(flag_name(n) for n in sorted(wrong))
         raise UsageError(f"{flags} do not apply to --method {method}")
+    granularity, target_latency_ms = kw.pop("granularity"), kw.pop("target_latency_ms")
+    if {"target_flops", "target_latency_ms"} <= given:
+        raise UsageError("--target-flops and --target-latency-ms are two targets: give one")
     opts = build(PruneOptions, method=method, sparsity=sparsity, schedule=schedule, initial_sparsity=initial_sparsity,
                  block=block, skip=tuple(skip), target_flops=target_flops, ratio=ratio, criterion=criterion,
                  rounds=rounds, channel_multiple=channel_multiple, epochs=epochs, lr=lr, batch_size=batch_size,
-                 max_drop=max_drop)
+                 max_drop=max_drop, granularity=granularity, target_latency_ms=target_latency_ms)
     out = out or _default_out(model_path, str(opts.method))
     check_output_path(out, overwrite)
-    r = kc.prune(model_path, data_spec, val_spec, test=test_data, test_split=test_split, options=opts, preprocess=preprocess(kw), seed=seed)
-    r.save(out, overwrite=overwrite)
+    topts = train_settings(kw)
+    r = kc.prune(model_path, data_spec, val_spec, test=test_data, test_split=test_split, train_limit=train_limit,
+                 log=(lambda m: None) if as_json else click.echo, options=opts, preprocess=preprocess(kw), seed=seed,
+                 train_options=topts)
+    final = out if r.within_max_drop else failed_name(out)
+    r.save(final, overwrite=True if final != out else overwrite)
     if as_json:
-        print_json({**r.to_dict(), "out": out})
+        print_json({**r.to_dict(), "out": final})
     else:
         _print(r)
-        wrote(out, "as a Keras 3 model, like the input" if r.keras3 else "")
+        if r.hint:
+            click.echo(f"Hint: {r.hint}")
+        wrote(final, "as a Keras 3 model, like the input" if r.keras3 else "")
     if not r.within_max_drop:
         click.echo(f"Error: pruning lost {r.drop_points:.2f} points on VAL, more than --max-drop {opts.max_drop} "
-                   f"(the model was written to {out}; fine-tune longer or prune less)", err=True)
+                   f"(kept as {final}, not {out}; fine-tune longer, prune less or more gradually with --rounds)",
+                   err=True)
         sys.exit(KcompressError.exit_code)
 
 
@@ -133,10 +157,12 @@ def _print(r) -> None:
             con.print(f"  {', '.join(g['layers'])}: {g['channels']} -> {g['kept']} channels")
         for name, why in d["frozen"].items():
             con.print(f"  {name}: kept whole ({why})")
+        _print_blocks(con, d)
         rows += [["int8 .tflite", mb(b["int8_tflite_bytes"]), mb(a["int8_tflite_bytes"])],
                  ["fp32 latency p50, 1 thread", ms(b["fp32_p50_ms"]), ms(a["fp32_p50_ms"])],
                  ["int8 latency p50, 1 thread", ms(b["int8_p50_ms"]), ms(a["int8_p50_ms"])]]
-        title = f"structured pruning: {len(d['groups'])} channel group(s) over {len(d['rounds'])} round(s)"
+        blocks = f", {len(d['removed_blocks'])} block(s)" if d.get("removed_blocks") else ""
+        title = f"structured pruning: {len(d['groups'])} channel group(s){blocks} over {len(d['rounds'])} round(s)"
     else:
         for name in d["pruned"]:
             con.print(f"  {name:<32} {d['sparsity'][name]:6.1%}")
@@ -146,3 +172,18 @@ def _print(r) -> None:
                  ["sparsity (all params)", "", f"{d['total_sparsity']:.1%}"]]
         title = f"magnitude pruning: {len(d['pruned'])} layer(s) to {d['target_sparsity']:.0%} sparsity"
     print_table(title, ["", "before", "after"], rows, con)
+
+
+def _print_blocks(con, d: dict) -> None:
+    """Removed blocks with the figures that chose them, and the latency target's outcome."""
+    if d.get("removed_blocks"):
+        con.print("  whole blocks removed, the least VAL loss increase per MAC first (measured with each bypassed):")
+    for blk in d.get("removed_blocks", []):
+        con.print(f"  removed block {blk['block']} ({blk['first']} .. {blk['layers'][-1]}, {blk['macs'] / 1e6:.2f} "
+                  f"MMACs, round {blk['round']}): VAL loss {blk['importance']:+.4f}, accuracy "
+                  f"{-blk['accuracy_drop']:+.2f} points on {blk['samples']} samples")
+    lat = d.get("latency")
+    if lat:
+        verdict = "reached" if lat["reached"] else "NOT reached"
+        con.print(f"  latency target {lat['target_ms']:.3f} ms {verdict}: {lat['before_ms']:.3f} -> "
+                  f"{lat['reached_ms']:.3f} ms (fp32 .tflite p50, 1 thread, batch 1, as timed while pruning)")

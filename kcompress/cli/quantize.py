@@ -17,6 +17,7 @@ from kcompress.cli.console import (
     build,
     console,
     default_out,
+    failed_name,
     mb,
     ms,
     option,
@@ -28,6 +29,9 @@ from kcompress.cli.console import (
     print_table,
     print_test,
     test_options,
+    train_limit_option,
+    train_options,
+    train_settings,
     wrote,
 )
 from kcompress.options import QATOptions, QuantizeOptions
@@ -74,7 +78,7 @@ def _print_plan(con, plan: Optional[dict]) -> None:
 @click.command()
 @click.argument("model")
 @click.option("--data", required=True, help="Data to draw calibration samples from (and to evaluate on).")
-@option(QuantizeOptions, "mode", type=click.Choice(["dynamic", "float16", "int8", "int16x8"]))
+@option(QuantizeOptions, "mode", type=click.Choice(["fp32", "dynamic", "float16", "int8", "int16x8"]))
 @click.option("-o", "--out", default=None, help="Output .tflite [default: MODEL_<mode>.tflite].")
 @click.option("--val-data", default=None, help="VAL: evaluate (and choose float layers) on this instead of --data.")
 @test_options
@@ -99,6 +103,7 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
       kcompress quantize model.keras --data train/ --val-data val/ --scale 0.00392
       kcompress quantize model.keras --data digits:train --mode int8 --float-layers first,last
       kcompress quantize model.keras --data train/ --val-data val/ --float-layers auto --max-drop 0.3
+      kcompress quantize pruned.keras --data val/ --mode fp32 -o pruned_fp32.tflite   # plain fp32 export
     """
     import kcompress as kc
     from kcompress.io import check_output_path
@@ -109,10 +114,11 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     con = console()
     r = kc.quantize(model, data, val_data=val_data, test_data=test_data, test_split=test_split, options=opts, preprocess=preprocess(kw), limit=limit, seed=seed,
                     log=lambda m: con.print(m, markup=False) if not as_json else None)
-    r.save(out, overwrite=overwrite)
+    final = out if r.within_max_drop else failed_name(out)
+    r.save(final, overwrite=True if final != out else overwrite)
     if as_json:
-        print_json({**r.to_dict(), "out": out})
-        _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, r.data)
+        print_json({**r.to_dict(), "out": final})
+        _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, final, r.data)
         return
     _print_plan(con, r.float_layer_plan)
     split = "val" if val_data else "data"
@@ -129,14 +135,14 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
         con.print(f"Kept in float: {', '.join(r.options.float_layers)}")
     if r.hint:
         con.print(f"Hint: {r.hint}")
-    wrote(out)
-    _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, r.data)
+    wrote(final)
+    _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, final, r.data)
 
 
-def _gate(ok: bool, drop: float, max_drop: float, out: str, split: str) -> None:
+def _gate(ok: bool, drop: float, max_drop: float, out: str, final: str, split: str) -> None:
     if not ok:
-        click.echo(f"Error: quantization lost {drop:.2f} points on {split}, more than --max-drop {max_drop} (the model was "
-                   f"written to {out}; try --float-layers auto or kcompress qat)", err=True)
+        click.echo(f"Error: quantization lost {drop:.2f} points on {split}, more than --max-drop {max_drop} (kept as "
+                   f"{final}, not {out}; try --float-layers auto or kcompress qat)", err=True)
         sys.exit(1)
 
 
@@ -145,6 +151,7 @@ def _gate(ok: bool, drop: float, max_drop: float, out: str, split: str) -> None:
 @click.option("--data", "data_spec", required=True, help="Training data (also calibrates the converter).")
 @click.option("--val-data", default=None, help="VAL data for the comparison and 'auto' float layers (default: --data).")
 @test_options
+@train_limit_option
 @option(QATOptions, "epochs")
 @option(QATOptions, "lr")
 @option(QATOptions, "batch_size")
@@ -152,6 +159,7 @@ def _gate(ok: bool, drop: float, max_drop: float, out: str, split: str) -> None:
         show_default=False)
 @option(QATOptions, "max_tflite_drop")
 @_int8_options
+@train_options
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of shuffling and sampling (config: seed).")
 @click.option("-o", "--out", default=None, help="Output .tflite [default: MODEL_qat_int8.tflite].")
 @click.option("--keras-out", default=None, help="Also save the QAT Keras model here (to keep training it).")
@@ -161,7 +169,7 @@ def _gate(ok: bool, drop: float, max_drop: float, out: str, split: str) -> None:
 @handle_errors
 def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, max_tflite_drop, calibration_samples,
         per_tensor, io, float_layers, max_drop, seed, out, keras_out, as_json, overwrite, test_data, test_split,
-        **kw):  # fmt: skip
+        train_limit, **kw):  # fmt: skip
     """Quantization-aware training (tfmot 8-bit) of a trained MODEL, exported to an int8 .tflite.
 
     Works on any functional model: nested models are flattened, layers tfmot cannot quantize stay float in Keras
@@ -183,8 +191,10 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, m
         if path:
             check_output_path(path, overwrite)
     log = (lambda m: None) if as_json else click.echo
-    res = kc.qat(model, data_spec, val_data=val_data, test_data=test_data, test_split=test_split, options=opts, quantize=q, preprocess=preprocess(kw), seed=seed,
-                 log=log)
+    topts = train_settings(kw)
+    res = kc.qat(model, data_spec, val_data=val_data, test_data=test_data, test_split=test_split,
+                 train_limit=train_limit, options=opts, quantize=q, preprocess=preprocess(kw), seed=seed,
+                 log=log, train_options=topts)
     res.save(out, overwrite=overwrite)
     if keras_out:
         save_model(res.qat_model, keras_out, overwrite)

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from kcompress.inputs import as_model, as_splits, preprocess_of, resolve_options
-from kcompress.options import DistillOptions
+from kcompress.options import DistillOptions, TrainOptions
 
 __all__ = ["distill"]
 
@@ -17,10 +17,11 @@ def _quiet(_msg: str) -> None:
     pass
 
 
-def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, student=None,
+def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, train_limit: Optional[int] = None,
+            student=None,
             options: Optional[DistillOptions] = None, preprocess=None, seed: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
             overwrite_checkpoints: bool = False, augment: Optional[Callable] = None, verbose: Optional[int] = None,
-            log: Callable[[str], None] = _quiet, **option_fields):
+            log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None, **option_fields):
     """Trains a smaller student to imitate ``teacher``; returns a DistillResult (``.student``, ``.save(path)``).
 
     ``student``: a model or a path (fresh or pre-trained); None derives one from the teacher with
@@ -31,6 +32,9 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, stu
     ``max_drop`` points of the teacher on VAL (``within_max_drop``); the CLI turns a miss into exit 1.
     ``test`` (or ``test_split``, a stratified fraction carved out of ``train``): TEST, which chooses nothing;
     teacher and student are measured on it afterwards (``result.test``).
+    ``train_options``: optimizer, schedule and augmentation (:class:`~kcompress.options.TrainOptions`, the
+    ``train`` section); with augmentation the teacher runs on each augmented batch (no cache). ``augment`` (a
+    function on a batch of inputs) replaces its augmentation.
     """
     from kcompress.backend import keras
     from kcompress.distillation.students import derive_student
@@ -39,6 +43,7 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, stu
     from kcompress.modelinfo import count_params
 
     opts = resolve_options(DistillOptions, options, **option_fields)
+    topts = resolve_options(TrainOptions, train_options)
     preprocess = preprocess_of(train, preprocess)
     t = as_model(teacher, stage="distill")
     student = student if student is not None else opts.student
@@ -47,7 +52,8 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, stu
     else:
         keras.utils.set_random_seed(seed)
         student_model = derive_student(t.model, opts.student_width)
-    tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess)
+    tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess,
+                           train_limit=train_limit)
     if checkpoint_dir and overwrite_checkpoints and not resume:  # else the trainer refuses an earlier run's
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     t_bytes, s_bytes = weights_bytes(t.model), weights_bytes(student_model)
@@ -59,7 +65,7 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, stu
     if va is None:
         log("note: no validation data; the teacher is checked and the best epoch chosen on the training data")
     result = run(t.model, student_model, tr, va, opts, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
-                 augment=augment, verbose=verbose)
+                 augment=augment, verbose=verbose, train_options=topts, log=log)
     from kcompress.evaluation import test_figures
 
     figures = test_figures({"teacher": t.model, "student": result.student}, te)

@@ -10,6 +10,9 @@ are exactly those of the logits (probabilities that underflow to 0 are floored a
 - :func:`distill` checks the teacher on VAL first, caches the teacher's outputs once when the data are not augmented
   (in memory, or in a ``.npy`` memmap on disk for large sets), trains with per-epoch checkpoints, resume, early
   stopping on VAL accuracy and the best epoch's weights, and returns the plain student in a :class:`DistillResult`.
+  Optimizer, schedule and augmentation come from the ``train`` section (:mod:`kcompress.recipe`); with
+  augmentation the teacher runs on each augmented batch, the very inputs the student sees ("consistent teaching"),
+  and the cache is off. Which of the two ran, and why, is logged and kept in ``DistillResult.cache_reason``.
 - :func:`derive_student` builds a narrower copy of the teacher's architecture (see :mod:`kcompress.students`).
 - Gotcha: the cache holds the teacher's outputs for one fixed order of the training data; every epoch reshuffles
   (x, y, teacher output) together through a shuffle buffer, exactly as :func:`kcompress.train.fit` shuffles (x, y).
@@ -17,6 +20,7 @@ are exactly those of the logits (probabilities that underflow to 0 are floored a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,12 +33,13 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from kcompress.backend import keras, tf
+from kcompress.batchnorm import RecalibrateBatchNorm, recalibrate_batchnorm
 from kcompress.data import DataSource, check_fits
 from kcompress.distillation.loss import Distiller, TemperatureSchedule, as_logits, check_compatible, distillation_loss
 from kcompress.distillation.students import derive_student, outputs_probabilities
 from kcompress.errors import KcompressError, UsageError
 from kcompress.modelinfo import count_params, input_shape, num_classes
-from kcompress.options import DistillOptions
+from kcompress.options import DistillOptions, TrainOptions
 from kcompress.progress import progress
 from kcompress.train import strategy
 
@@ -162,9 +167,9 @@ def _train_dataset(train: DataSource, shape, batch_size: int, seed: int, logits=
     if logits is not None:
         ds = tf.data.Dataset.zip((ds, _logits_batches(logits, batch_size))).map(lambda xy, t: ((xy[0], t), xy[1]))
     ds = ds.unbatch().shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    if augment is not None:
-        ds = ds.map(lambda x, y: (augment(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    from kcompress.augment import augment_batches
+
+    return augment_batches(ds, augment, seed).prefetch(tf.data.AUTOTUNE)
 
 
 # ----------------------------------------------------------------------------------------------------------- training
@@ -190,6 +195,8 @@ class DistillResult:
     checkpoint_dir: Optional[str] = None
     max_drop: Optional[float] = None  # the largest drop (points) below the teacher the user accepts
     test: Optional[dict] = None  # teacher_accuracy / student_accuracy on TEST (chose nothing), when given
+    cache_reason: str = ""  # why the teacher's outputs were cached, or why the teacher ran on every batch
+    recipe: Optional[dict] = None  # optimizer, schedule and augmentation as run (kcompress.recipe.Recipe.to_dict)
 
     @property
     def size_ratio(self) -> float:
@@ -318,19 +325,38 @@ def distill(
     augment: Optional[Callable] = None,
     callbacks=(),
     verbose: Optional[int] = None,
+    train_options: Optional[TrainOptions] = None,
+    log: Callable[[str], None] = lambda _msg: None,
 ) -> DistillResult:
     """Distills ``teacher`` into ``student`` (a Keras model, or a width multiplier for :func:`derive_student`;
     None: ``options.student_width``). ``options.student`` (a path) is the API's and CLI's business, not read here.
 
     Without ``val`` the teacher is checked on ``train`` and the best epoch is chosen by training accuracy.
     ``checkpoint_dir``: per-epoch checkpoints and ``state.json``; ``resume`` continues from them. ``augment``
-    (a function on a batch of inputs) turns the teacher cache off: the teacher then sees the augmented batch.
+    (a function on a batch of inputs) replaces ``train_options.augment``; augmentation turns the teacher cache off:
+    the teacher then sees the augmented batch. ``train_options``: optimizer, schedule, augmentation (the ``train``
+    section); ``log`` receives the recipe and the cache decision.
     """
+    from kcompress.recipe import recipe
+
     options = options or DistillOptions()
     if student is None:
         student = options.student_width
     shape = input_shape(teacher)
     n_classes = num_classes(teacher)
+    train_options = train_options or TrainOptions()
+    yields = options.cache_teacher in ("memory", "disk") and train_options.augment_steps == (("auto", None),)
+    if yields:  # auto yields to the cache the user asked for
+        train_options = train_options.replace(augment=("none",))
+    lr = options.rate(train_options.optimizer)
+    rec = recipe(train_options, lr, options.epochs, -(-train.num_samples // options.batch_size), train, shape)
+    if yields:
+        rec = dataclasses.replace(rec, augment_reason=f"auto: none, as cache_teacher is {options.cache_teacher}")
+    custom = augment is not None
+    aug_text = "a custom function" if custom else rec.augment_text
+    augment = augment if custom else rec.augmenter()
+    where, cache_reason = _cache_plan(options.cache_teacher, augment, aug_text)
+    log(f"training {options.epochs} epoch(s): {rec.describe(augment=aug_text if custom else None)}")
     keras.utils.set_random_seed(seed)
     strat = strategy()
     multi = strat.num_replicas_in_sync > 1
@@ -341,7 +367,7 @@ def distill(
             copy = keras.models.clone_model(student)
             copy.set_weights(student.get_weights())
             student = copy
-        if multi and options.cache_teacher == "off":
+        if multi and where == "off":
             t_copy = keras.models.clone_model(teacher)
             t_copy.set_weights(teacher.get_weights())
             teacher = t_copy
@@ -356,17 +382,13 @@ def distill(
     fingerprint = {"teacher_params": count_params(teacher)["total"], "student_params": count_params(student)["total"],
                    "alpha": options.alpha, "schedule": str(TemperatureSchedule.parse(options.temperature_schedule,
                                                                                       options.temperature)),
-                   "batch_size": options.batch_size, "lr": options.lr, "seed": seed,
-                   "train_samples": train.num_samples}
+                   "batch_size": options.batch_size, "lr": lr, "seed": seed,
+                   "train_samples": train.num_samples,  # more epochs may resume: the schedule then stretches
+                   "recipe": {**{k: v for k, v in rec.to_dict().items() if k != "total_steps"}, "augment": aug_text}}
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
     state = _load_state(checkpoint_dir, resume, fingerprint)
 
-    where = options.cache_teacher
-    if augment is not None and where in ("memory", "disk"):
-        raise UsageError("augmented data cannot use cached teacher outputs: the teacher must see each augmented batch")
-    if where == "auto":
-        where = "off" if augment is not None else "auto"
     t0 = time.perf_counter()
     logits = None
     temp_cache = None
@@ -375,7 +397,9 @@ def distill(
         if cache_dir is None:
             cache_dir = temp_cache = tempfile.mkdtemp(prefix="kcompress-teacher-")
         logits, where = cache_teacher_outputs(teacher, train, options.batch_size, seed, where, cache_dir)
+        cache_reason = cache_reason.format(where=where)
     cache_seconds = time.perf_counter() - t0
+    log(f"teacher outputs: {cache_reason}")
     train_ds = _train_dataset(train, shape, options.batch_size, seed, logits, augment)
     val_ds = None
     if val is not None:
@@ -386,7 +410,7 @@ def distill(
     schedule = TemperatureSchedule.parse(options.temperature_schedule, options.temperature)
     with strat.scope():
         distiller = Distiller(student, teacher, options.alpha, schedule(0, options.epochs))
-        distiller.compile(optimizer=keras.optimizers.Adam(options.lr))
+        distiller.compile(optimizer=rec.make_optimizer())
     monitor = "val_accuracy" if val is not None else "accuracy"
     cb = _EpochState(distiller, schedule, options.epochs, monitor, options.patience, checkpoint_dir, fingerprint, state)
     initial_epoch = 0
@@ -405,20 +429,25 @@ def distill(
     verbose = verbose if verbose is not None else (1 if sys.stderr.isatty() else 2)
     try:
         if initial_epoch < options.epochs:
+            # BN statistics re-estimated on TRAIN before each VAL pass (AdaBN): a student trained for a few epochs
+            # otherwise validates with moving averages that trail its weights (see kcompress.batchnorm)
+            recal = [RecalibrateBatchNorm(train, model_to_update=student, seed=seed)] if val is not None else []
             distiller.fit(train_ds, validation_data=val_ds, epochs=options.epochs, initial_epoch=initial_epoch,
-                          verbose=verbose, callbacks=[cb, *callbacks])
+                          verbose=verbose, callbacks=[*recal, cb, *callbacks])
     finally:
         if temp_cache:
             del train_ds, logits
             shutil.rmtree(temp_cache, ignore_errors=True)
     if cb.best_weights is not None:
         student.set_weights(cb.best_weights)
+    if val is None:  # no VAL pass recalibrated the statistics: do it once, on the weights kept
+        recalibrate_batchnorm(student, train, seed=seed)
     best_row = next((h for h in cb.history if h["epoch"] == cb.best_epoch), None)
     student_acc = best_row.get("val_accuracy") if (best_row and val is not None) else None
 
     from kcompress.train import compile_classifier
 
-    compile_classifier(student, options.lr)  # so the saved student evaluates right after loading
+    compile_classifier(student, lr)  # a plain Adam: the saved student evaluates right after loading, in tf_keras
     t_bytes, s_bytes = weights_bytes(teacher), weights_bytes(student)
     return DistillResult(
         student=student,
@@ -433,4 +462,20 @@ def distill(
         cache=where,
         cache_seconds=cache_seconds,
         warnings=tuple(size_warnings(t_bytes, s_bytes)),
+        cache_reason=cache_reason,
+        recipe={**rec.to_dict(), "augment": aug_text},
     )
+
+
+def _cache_plan(cache_teacher: str, augment, aug_text: str) -> tuple[str, str]:
+    """``(where, why)``: the cache setting to use (auto, memory, disk, off) and a sentence for the log."""
+    if augment is not None:
+        if cache_teacher in ("memory", "disk"):
+            raise UsageError(f"augmented data ({aug_text}) cannot use cached teacher outputs: the teacher must see "
+                             "each augmented batch (set train.augment none, or cache_teacher auto/off)")
+        return "off", (f"the teacher runs on every augmented batch ({aug_text}), so it teaches on exactly what the "
+                       "student sees; no cache")
+    if cache_teacher == "off":
+        return "off", "the teacher runs on every batch (cache_teacher off)"
+    return cache_teacher, ("cached once, in {where}: without augmentation the teacher sees the same inputs every "
+                           "epoch")

@@ -29,6 +29,7 @@ from kcompress.options import (
     PruneOptions,
     QATOptions,
     QuantizeOptions,
+    TrainOptions,
 )
 
 __all__ = [
@@ -51,6 +52,9 @@ class RunConfig(Options):
         "doc": "largest overall accuracy drop (points) from the baseline to the final model"})
     model: ModelOptions = field(default_factory=ModelOptions, metadata={"doc": "the model to compress"})
     data: DataOptions = field(default_factory=DataOptions, metadata={"doc": "data and preprocessing"})
+    train: TrainOptions = field(default_factory=TrainOptions, metadata={
+        "doc": "how every training stage trains (train, distill, prune fine-tunes, QAT): optimizer, schedule, "
+               "augmentation"})
     baseline: BaselineOptions = field(default_factory=BaselineOptions, metadata={"doc": "baseline measurement"})
     distill: DistillOptions = field(default_factory=DistillOptions, metadata={"doc": "knowledge distillation"})
     prune: PruneOptions = field(default_factory=PruneOptions, metadata={"doc": "pruning"})

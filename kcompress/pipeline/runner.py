@@ -135,7 +135,9 @@ def _stage_train(ctx: _Ctx, model, out_dir: str):
     build = getattr(architectures, mc.architecture)
     model = build(input_shape=tuple(shape), num_classes=ctx.train.num_classes)
     ctx.log(f"training {mc.architecture} for {mc.epochs} epochs on {ctx.train.name}")
-    fit(model, ctx.train, ctx.val, epochs=mc.epochs, batch_size=mc.batch_size, lr=mc.lr, seed=ctx.cfg.seed)
+    fit(model, ctx.train, ctx.val, epochs=mc.epochs, batch_size=mc.batch_size, lr=mc.rate(ctx.cfg.train.optimizer),
+        seed=ctx.cfg.seed,
+        train_options=ctx.cfg.train, log=ctx.log)
     path = os.path.join(out_dir, "model.keras")
     save_model(model, path, overwrite=True)
     return model, path, {}, {}
@@ -164,7 +166,8 @@ def _stage_distill(ctx: _Ctx, model, out_dir: str):
         ctx.log(f"continuing the interrupted distillation from {ckpt}")
     elif os.path.isdir(ckpt):
         shutil.rmtree(ckpt)  # checkpoints of other settings: this run starts over
-    result = distill(model, student, ctx.train, ctx.val, c, seed=ctx.cfg.seed, checkpoint_dir=ckpt, resume=resume)
+    result = distill(model, student, ctx.train, ctx.val, c, seed=ctx.cfg.seed, checkpoint_dir=ckpt, resume=resume,
+                     train_options=ctx.cfg.train, log=ctx.log)
     path = os.path.join(out_dir, "model.keras")
     save_model(result.student, path, overwrite=True)
     extra = {"teacher_params": result.teacher_params, "student_params": result.student_params,
@@ -179,15 +182,21 @@ def _stage_prune(ctx: _Ctx, model, out_dir: str):
     if c.method == PruneMethod.MAGNITUDE:
         from kcompress.pruning.magnitude import prune_magnitude
 
-        result = prune_magnitude(model, ctx.train, ctx.val, c, seed=ctx.cfg.seed)
+        result = prune_magnitude(model, ctx.train, ctx.val, c, seed=ctx.cfg.seed, train_options=ctx.cfg.train,
+                                 log=ctx.log)
         extra = {"method": "magnitude", "overall_sparsity": result.overall_sparsity, "pruned_layers": result.pruned,
                  "warnings": list(result.warnings)}
     else:
         from kcompress.pruning.structured import prune_structured
 
-        result = prune_structured(model, ctx.train, ctx.val, c, seed=ctx.cfg.seed)
+        result = prune_structured(model, ctx.train, ctx.val, c, seed=ctx.cfg.seed, train_options=ctx.cfg.train,
+                                  log=ctx.log)
         extra = {"method": "structured", "macs_before": result.macs_before, "macs_after": result.macs_after,
-                 "params_before": result.params_before, "params_after": result.params_after}
+                 "params_before": result.params_before, "params_after": result.params_after,
+                 "removed_blocks": result.staged.get("removed_blocks", []), "latency": result.staged.get("latency"),
+                 "warnings": list(result.staged.get("notes", []))}
+        for note in extra["warnings"]:
+            ctx.log(f"note: {note}")
     path = os.path.join(out_dir, "model.keras")
     save_model(result.model, path, overwrite=True)
     return result.model, path, extra, {}
@@ -217,7 +226,7 @@ def _stage_quantize(ctx: _Ctx, model, out_dir: str, prev_accuracy: float):
 
         ctx.log("running quantization-aware training" + (" (PTQ missed the stage's floor)" if c.qat == "auto" else ""))
         result = qat(model, ctx.train, ctx.val, ctx.cfg.qat, opts, seed=ctx.cfg.seed, ptq=False, bench=False,
-                     log=ctx.log)
+                     log=ctx.log, train_options=ctx.cfg.train)
         qat_ev = result.evaluation  # the QAT .tflite in LiteRT on ctx.val, as qat() measured it
         qat_acc = extra["qat_accuracy"] = qat_ev.accuracy
         if qat_acc > ptq_acc:
@@ -260,11 +269,14 @@ def _stage_settings(cfg: RunConfig, stage: str) -> dict:
 
     ``max_drop`` is left out where it only gates (loosening a gate and resuming re-checks it without redoing the
     stage), but kept in the quantize stage when it chooses the model (``qat: auto``, ``float_layers: auto``). The
-    ``qat`` section counts for the quantize stage only when that stage may run QAT."""
+    ``qat`` section counts for the quantize stage only when that stage may run QAT; the ``train`` section
+    (optimizer, schedule, augmentation) for every stage that trains."""
     settings = getattr(cfg, {"train": "model"}.get(stage, stage)).to_dict()
     q = cfg.quantize
     if stage == "quantize" and q.qat != QATPolicy.NEVER:
         settings["qat_settings"] = cfg.qat.to_dict()
+    if stage in ("train", "distill", "prune") or "qat_settings" in settings:
+        settings["train_settings"] = cfg.train.to_dict()
     if not (stage == "quantize" and (q.qat == QATPolicy.AUTO or q.auto_float_layers)):
         settings.pop("max_drop", None)
     return settings

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from kcompress.inputs import as_model, as_splits, preprocess_of, resolve_options
-from kcompress.options import PruneOptions
+from kcompress.options import PruneOptions, TrainOptions
 from kcompress.types import PruneMethod
 
 __all__ = ["PruneResult", "prune"]
@@ -20,7 +20,8 @@ def _quiet(_msg: str) -> None:
 @dataclass(frozen=True)
 class PruneResult:
     """A pruned model and what changed. ``details`` is the method's own report (magnitude: pruned/skipped layers
-    and sparsities; structured: channel groups, frozen layers, rounds); ``before``/``after`` hold the
+    and sparsities; structured: channel groups, frozen layers, rounds, ``removed_blocks`` and, with
+    ``target_latency_ms``, ``latency``: see :mod:`kcompress.pruning.blocks`); ``before``/``after`` hold the
     measurements of the input and the pruned model: parameters, MACs, fp32 ``.tflite`` size (raw and gzip) and,
     for structured pruning, int8 size and fp32/int8 p50 latency (1 thread, batch 1)."""
 
@@ -47,6 +48,19 @@ class PruneResult:
         return self.drop_points is None or self.drop_points <= self.options.max_drop
 
     @property
+    def hint(self) -> Optional[str]:
+        """Said when the pruned model's int8 file measured slower than its fp32 file on this host (every trial)."""
+        from kcompress.bench.schema import clearly_slower, speedup
+
+        a = self.after
+        if not a.get("int8_p50_trials_ms") or not clearly_slower(a["fp32_p50_trials_ms"], a["int8_p50_trials_ms"],
+                                                                   1.05):
+            return None
+        s = speedup(a["fp32_p50_trials_ms"], a["int8_p50_trials_ms"])
+        return (f"int8 measured {1 / s.median:.2f}x SLOWER than fp32 here ({s.trials} trials, 1 thread); measure on "
+                "the target device before choosing int8 (kcompress device bench)")
+
+    @property
     def flops_reduction(self) -> float:
         return 1.0 - self.after["macs"] / self.before["macs"] if self.before.get("macs") else 0.0
 
@@ -54,7 +68,7 @@ class PruneResult:
         return {"method": str(self.method), "options": self.options.to_dict(),
                 "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
                 "drop_points": self.drop_points, "details": self.details, "before": self.before,
-                "after": self.after, "warnings": list(self.warnings), "test": self.test}
+                "after": self.after, "warnings": list(self.warnings), "test": self.test, "hint": self.hint}
 
     def save(self, path: str, overwrite: bool = False) -> str:
         """Writes the pruned model (Keras 3 ``.keras`` when the input was Keras 3, else by extension)."""
@@ -65,7 +79,7 @@ class PruneResult:
 
 
 def _measure(model, train, structured: bool, seed: int) -> dict:
-    from kcompress.bench.host import bench_tflite
+    from kcompress.bench.host import bench_tflite_many
     from kcompress.modelinfo import count_macs, count_params, input_shape
     from kcompress.options import QuantizeOptions
     from kcompress.pruning.magnitude import sizes
@@ -79,18 +93,22 @@ def _measure(model, train, structured: bool, seed: int) -> dict:
         int8 = convert(model, QuantizeOptions(mode="int8", io="float"),
                        calibration=lambda: train.calibration_samples(shape, 100, seed=seed))
         out["int8_tflite_bytes"] = len(int8)
-        out["fp32_p50_ms"] = bench_tflite(fp32, threads=1, runs=30, warmup=5).latency_ms.p50
-        out["int8_p50_ms"] = bench_tflite(int8, threads=1, runs=30, warmup=5).latency_ms.p50
+        f, q = bench_tflite_many([fp32, int8], threads=1, runs=30, warmup=5, trials=5)  # interleaved trials
+        out["fp32_p50_ms"], out["int8_p50_ms"] = f.p50_interval.median, q.p50_interval.median
+        out["fp32_p50_trials_ms"], out["int8_p50_trials_ms"] = list(f.trial_p50s), list(q.trial_p50s)
     return out
 
 
-def prune(model, train, val=None, *, test=None, test_split: float = 0.0, method: Optional[str] = None,
+def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_limit: Optional[int] = None,
+          method: Optional[str] = None,
           options: Optional[PruneOptions] = None, preprocess=None, seed: int = 0, measure: bool = True, verbose: Optional[int] = None,
-          log: Callable[[str], None] = _quiet, **option_fields) -> PruneResult:
+          log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None,
+          **option_fields) -> PruneResult:
     """Prunes ``model`` with fine-tuning on ``train`` (best epoch chosen on ``val`` when given).
 
     Keywords are fields of :class:`~kcompress.options.PruneOptions` (``target_flops=0.5``, ``sparsity=0.8``,
-    ``block="2:4"`` ...). ``measure=False`` skips the before/after conversion and timing.
+    ``block="2:4"`` ...). ``measure=False`` skips the before/after conversion and timing. ``train_options``:
+    the fine-tunes' optimizer, schedule and augmentation (:class:`~kcompress.options.TrainOptions`).
     """
     import warnings
 
@@ -98,9 +116,11 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, method:
     from kcompress.modelinfo import input_shape, num_classes
 
     opts = resolve_options(PruneOptions, options, method=method, **option_fields)
+    topts = resolve_options(TrainOptions, train_options)
     preprocess = preprocess_of(train, preprocess)
     m = as_model(model, stage="prune")
-    tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess)
+    tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess,
+                           train_limit=train_limit)
     for d in (tr, va, te):
         if d is not None:
             check_fits(d, input_shape(m.model), num_classes(m.model))
@@ -109,15 +129,16 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, method:
     if structured:
         from kcompress.pruning.structured import prune_structured
 
-        r = prune_structured(m.model, tr, va, opts, seed=seed, verbose=verbose)
-        details = {"groups": r.groups, "frozen": r.frozen, "rounds": r.rounds}
-        notes: list[str] = []
+        r = prune_structured(m.model, tr, va, opts, seed=seed, verbose=verbose, train_options=topts, log=log)
+        details = {"groups": r.groups, "frozen": r.frozen, "rounds": r.rounds,
+                   "removed_blocks": r.staged.get("removed_blocks", []), "latency": r.staged.get("latency")}
+        notes: list[str] = list(r.staged.get("notes", []))
     else:
         from kcompress.pruning.magnitude import prune_magnitude
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # kept in the result's warnings instead
-            r = prune_magnitude(m.model, tr, va, opts, seed=seed, verbose=verbose)
+            r = prune_magnitude(m.model, tr, va, opts, seed=seed, verbose=verbose, train_options=topts, log=log)
         details = {"pruned": r.pruned, "skipped": r.skipped, "sparsity": r.sparsity,
                    "overall_sparsity": r.overall_sparsity, "total_sparsity": r.total_sparsity,
                    "target_sparsity": opts.target_sparsity}

@@ -22,14 +22,14 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from kcompress.backend import keras, tfmot
 from kcompress.data import DataSource
 from kcompress.errors import UsageError
-from kcompress.options import PruneOptions
+from kcompress.options import PruneOptions, TrainOptions
 from kcompress.types import PruneMethod
 
 __all__ = [
@@ -71,9 +71,9 @@ class _Plan:
     ramp: float = RAMP
 
     @classmethod
-    def of(cls, o: PruneOptions, seed: int, ramp: float = RAMP) -> "_Plan":
+    def of(cls, o: PruneOptions, seed: int, ramp: float = RAMP, optimizer=None) -> "_Plan":
         return cls(o.sparsity, o.schedule, o.initial_sparsity, o.block_shape, o.skip, o.epochs, o.batch_size,
-                   o.learning_rate, seed, o.target_sparsity, ramp)
+                   o.rate(optimizer), seed, o.target_sparsity, ramp)
 
 
 def recommended_epochs(sparsity: float) -> int:
@@ -214,21 +214,24 @@ class _BestAfterRamp(keras.callbacks.Callback):
 
 def prune_magnitude(
     model, train: DataSource, val: Optional[DataSource] = None, options: Optional[PruneOptions] = None, seed: int = 0,
-    verbose: Optional[int] = None, ramp: float = RAMP,
+    verbose: Optional[int] = None, ramp: float = RAMP, train_options: Optional[TrainOptions] = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> MagnitudeResult:
     """Prunes a copy of ``model`` to ``options.sparsity`` with fine-tuning on ``train``; see the module docstring.
 
     ``options`` is read for its magnitude settings (``method`` is not checked, so the pipeline can pass its section).
 
     Accuracy before/after is measured on ``val`` when given. Warns (``warnings`` and ``result.warnings``) when
-    the fine-tuning budget is short for the requested sparsity.
+    the fine-tuning budget is short for the requested sparsity. The fine-tune trains with the ``train_options``
+    recipe (optimizer, schedule, augmentation; see :mod:`kcompress.recipe`); ``log`` receives which.
     """
     from kcompress.evaluation import evaluate
     from kcompress.train import compile_classifier, fit
 
     if not 0.0 < ramp <= 1.0:
         raise UsageError(f"ramp must be in (0, 1], got {ramp}")
-    options = _Plan.of(options or PruneOptions(method=PruneMethod.MAGNITUDE), seed, ramp)
+    options = _Plan.of(options or PruneOptions(method=PruneMethod.MAGNITUDE), seed, ramp,
+                       train_options.optimizer if train_options else None)
     sk = tfmot().sparsity.keras
     notes: list[str] = []
     skipped = resolve_skip(model, options.skip)
@@ -276,10 +279,10 @@ def prune_magnitude(
     if val is not None:
         cbs.append(_BestAfterRamp(ramp_end, steps_per_epoch))
     compile_classifier(base, options.lr)  # decides from_logits on the plain last layer (a wrapper hides it)
-    wrapped.compile(optimizer=keras.optimizers.Adam(options.lr), loss=base.loss,
-                    metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
     hist = fit(wrapped, train, val, epochs=options.epochs, batch_size=options.batch_size, lr=options.lr,
-               seed=options.seed, restore_best=False, callbacks=cbs, verbose=verbose, compile=False)
+               seed=options.seed, restore_best=False, callbacks=cbs, verbose=verbose, loss=base.loss,
+               recalibrate_bn=False,  # a forward pass in training mode would step the pruning wrappers' masks
+               train_options=train_options, log=log)
     stripped = sk.strip_pruning(wrapped)
     plain = copy_model(stripped)  # a fresh functional model without tfmot objects in its history
     per, overall, total = sparsity_report(plain, sorted(to_prune))

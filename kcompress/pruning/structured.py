@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from kcompress.backend import keras, tf
 from kcompress.data import DataSource
 from kcompress.errors import KcompressError, UsageError
 from kcompress.modelinfo import count_macs, count_params, layer_macs
-from kcompress.options import PruneOptions
+from kcompress.options import PruneOptions, TrainOptions
 
 __all__ = ["StructuredResult", "ChannelGraph", "prune_structured", "prune_once"]
 
@@ -63,9 +63,9 @@ class _Plan:
     taylor_batches: int = TAYLOR_BATCHES
 
     @classmethod
-    def of(cls, o: PruneOptions, seed: int = 0) -> "_Plan":
+    def of(cls, o: PruneOptions, seed: int = 0, optimizer=None) -> "_Plan":
         return cls(None if o.ratio is not None else o.target_flops, o.ratio, o.criterion, o.num_rounds(), o.epochs,
-                   o.batch_size, o.learning_rate, seed, o.channel_multiple)
+                   o.batch_size, o.rate(optimizer), seed, o.channel_multiple)
 
     def num_rounds(self) -> int:
         return self.rounds
@@ -439,6 +439,7 @@ class StructuredResult:
     accuracy_before: Optional[float]
     accuracy_after: Optional[float]
     rounds: list[dict] = field(default_factory=list)
+    staged: dict = field(default_factory=dict)  # removed_blocks, notes, latency (kcompress.pruning.blocks)
 
     @property
     def flops_reduction(self) -> float:
@@ -447,13 +448,17 @@ class StructuredResult:
 
 def prune_structured(model, train: Optional[DataSource] = None, val: Optional[DataSource] = None,
                      options: Optional[PruneOptions] = None, seed: int = 0,
-                     verbose: Optional[int] = None) -> StructuredResult:
+                     verbose: Optional[int] = None, train_options: Optional[TrainOptions] = None,
+                     log: Optional[Callable[[str], None]] = None) -> StructuredResult:
     """Removes channels in ``options.num_rounds()`` rounds, fine-tuning on ``train`` between rounds (half LR) and
-    after the last (full LR), each fine-tune keeping its best epoch by VAL accuracy; ``epochs=0`` skips training."""
+    after the last (full LR), each with the ``train_options`` recipe, keeping its best epoch by VAL accuracy;
+    ``epochs=0`` skips training. Whole blocks and latency targets: :mod:`kcompress.pruning.blocks`."""
     from kcompress.evaluation import evaluate
+    from kcompress.pruning.blocks import Staged
     from kcompress.train import fit
 
-    options = _Plan.of(options or PruneOptions(), seed)
+    staged = Staged.of(options or PruneOptions(), seed, train, val, log)  # None: channels only, by MACs or ratio
+    options = _Plan.of(options or PruneOptions(), seed, train_options.optimizer if train_options else None)
     model = _functional(model)
     macs0 = count_macs(model)
     k = options.num_rounds()
@@ -461,8 +466,13 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
     current, rounds = model, []
     # epochs split over the rounds, the remainder going to the last rounds (the final model needs them most)
     per_round = [options.epochs // k + (1 if i >= k - options.epochs % k else 0) for i in range(k)]
+    if log is not None and train is not None:
+        log(f"{k} round(s) of pruning; the {options.epochs} fine-tuning epoch(s) are spent as {per_round} "
+            "(earlier rounds at half the learning rate); each round keeps its best epoch by VAL accuracy")
     for i in range(1, k + 1):
-        if options.ratio is not None:
+        if staged is not None:
+            current = staged.step(current, i, k, macs0)
+        elif options.ratio is not None:
             # ratio/k of the original channels per round, as a fraction of what is left
             step = (options.ratio / k) / (1 - options.ratio * (i - 1) / k)
             current, graph = prune_once(current, options, ratio=step, data=train)
@@ -473,14 +483,18 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
         if train is not None and per_round[i - 1] > 0:
             lr = options.lr if i == k else options.lr / 2
             hist = fit(current, train, val, epochs=per_round[i - 1], batch_size=options.batch_size, lr=lr,
-                       seed=options.seed + i, verbose=verbose)
+                       seed=options.seed + i, verbose=verbose, train_options=train_options, log=log)
             info["val_accuracy"] = max(hist.history.get("val_accuracy", [float("nan")]))
         rounds.append(info)
+        if log is not None:
+            acc = f", VAL accuracy {100 * info['val_accuracy']:.2f}%" if "val_accuracy" in info else ""
+            log(f"round {i}/{k}: {info['macs'] / macs0:.0%} of the MACs left{acc}")
     final = ChannelGraph(model)  # report per group by comparing layer widths
     groups = []
+    present = {layer.name for layer in current.layers}  # the layers of removed blocks are gone
     for r in final.groups():
-        names = final.members(r)
-        new_n = _width(current.get_layer(names[0]))
+        names = [n for n in final.members(r) if n in present]
+        new_n = _width(current.get_layer(names[0])) if names else final.size[r]
         if new_n != final.size[r]:
             groups.append({"layers": names, "channels": final.size[r], "kept": new_n})
     after = evaluate(current, val, description="accuracy after").accuracy if val is not None else None
@@ -488,7 +502,7 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
         model=current, groups=groups, frozen=final.frozen_layers(),
         params_before=count_params(model)["total"], params_after=count_params(current)["total"],
         macs_before=macs0, macs_after=count_macs(current), accuracy_before=before, accuracy_after=after,
-        rounds=rounds,
+        rounds=rounds, staged=staged.report() if staged else {},
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 from kcompress.bench.schema import SpeedUp, clearly_slower, speedup
 from kcompress.errors import UsageError
 from kcompress.inputs import as_data, as_model, as_splits, describe, preprocess_of, resolve_options
-from kcompress.options import QATOptions, QuantizeOptions
+from kcompress.options import QATOptions, QuantizeOptions, TrainOptions
 from kcompress.types import QuantMode
 
 __all__ = ["QuantizeResult", "SensitivityResult", "quantize", "qat", "sensitivity", "SLOWER_MARGIN"]
@@ -148,8 +148,8 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
 
     opts = resolve_options(QuantizeOptions, options, mode=mode, **option_fields)
     preprocess = preprocess_of(data, preprocess)
-    if opts.mode == QuantMode.FP32:
-        raise UsageError("mode fp32 is no quantization; choose dynamic, float16, int8 or int16x8")
+    if opts.mode == QuantMode.FP32 and opts.float_layers:
+        raise UsageError("float_layers has no meaning with mode fp32 (everything is float)")
     path = str(model) if isinstance(model, str) else None
     exported = path is not None and model_format(path) == "exported"  # the converter reads the folder itself
     if exported:
@@ -173,8 +173,8 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
     log(f"Converting {describe(model)} ({opts.mode}, {'per-channel' if opts.per_channel else 'per-tensor'} "
         "weights) ...")
     fp32 = fp32 or convert(source)
-    quant = convert(source, opts, calibration=lambda: src.calibration_samples(shape, opts.calibration_samples,
-                                                                                seed=seed))
+    quant = fp32 if opts.mode == QuantMode.FP32 else convert(
+        source, opts, calibration=lambda: src.calibration_samples(shape, opts.calibration_samples, seed=seed))
     before = evaluate(fp32 if exported else source, val, limit=limit,
                       description="evaluating fp32" if exported else "evaluating keras")
     after = evaluate(quant, val, limit=limit, description="evaluating tflite")
@@ -189,29 +189,33 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
                           latency_trials_ms=lat_q.trial_p50s)
 
 
-def qat(model, data, *, val_data=None, test_data=None, test_split: float = 0.0, options: Optional[QATOptions] = None,
+def qat(model, data, *, val_data=None, test_data=None, test_split: float = 0.0, train_limit: Optional[int] = None,
+        options: Optional[QATOptions] = None,
         quantize: Optional[QuantizeOptions] = None, preprocess=None, seed: int = 0, bench: bool = True,
-        log: Callable[[str], None] = _quiet, **option_fields):
+        log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None, **option_fields):
     """Quantization-aware training of ``model`` on ``data``, exported to int8 and compared with fp32 and PTQ int8
     on ``val_data`` (default: ``data``). Returns :class:`~kcompress.quantization.qat.QATResult`.
 
     Keywords are fields of :class:`~kcompress.options.QATOptions` (``epochs``, ``lr``, ...); the int8 settings
     (``per_channel``, ``io``, ``float_layers`` including ``("auto",)``, ``max_drop``) come from ``quantize``.
     ``test_data`` (or ``test_split`` of ``data``): TEST, chose nothing; the fp32 model and the QAT ``.tflite`` are
-    measured on it afterwards (``result.test``).
+    measured on it afterwards (``result.test``). ``train_options``: the fine-tune's optimizer, schedule and
+    augmentation (:class:`~kcompress.options.TrainOptions`, the ``train`` section).
     """
     from kcompress.quantization.qat import qat as run_qat
     from kcompress.quantization.sensitivity import choose_float_layers
 
     opts = resolve_options(QATOptions, options, **option_fields)
+    topts = resolve_options(TrainOptions, train_options)
     preprocess = preprocess_of(data, preprocess)
     q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8)
     m = as_model(model, stage="qat").model
-    train, val, test = as_splits(data, val_data, test_data, test_split=test_split, seed=seed, preprocess=preprocess)
+    train, val, test = as_splits(data, val_data, test_data, test_split=test_split, seed=seed, preprocess=preprocess,
+                                 train_limit=train_limit)
     if q.auto_float_layers:
         log(f"choosing float layers (max drop {q.max_drop} points on VAL) ...")
     q, plan = choose_float_layers(m, q, train, val or train, log=log)
-    result = run_qat(m, train, val, opts, q, seed=seed, bench=bench, log=log)
+    result = run_qat(m, train, val, opts, q, seed=seed, bench=bench, log=log, train_options=topts)
     if plan is not None:
         result.info["float_layer_plan"] = plan
     from dataclasses import replace

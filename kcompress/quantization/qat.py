@@ -36,7 +36,7 @@ import numpy as np
 from kcompress.backend import keras
 from kcompress.data import DataSource
 from kcompress.errors import UsageError
-from kcompress.options import QATOptions, QuantizeOptions
+from kcompress.options import QATOptions, QuantizeOptions, TrainOptions
 from kcompress.quantization.qat_graph import calibrate, layer_table, qat_model, tflite_weight_sparsity
 from kcompress.types import QuantMode
 
@@ -232,14 +232,6 @@ class QATResult:
         }
 
 
-def _compile(qmodel, from_logits: bool, lr: float) -> None:
-    qmodel.compile(
-        optimizer=keras.optimizers.Adam(lr),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
-
-
 def _bench(tflite: bytes) -> Optional[float]:
     from kcompress.bench.host import bench_tflite
 
@@ -258,12 +250,14 @@ def qat(
     bench: bool = True,
     verbose: Optional[int] = None,
     log=print,
+    train_options: Optional[TrainOptions] = None,
 ) -> QATResult:
     """Fine-tunes ``model`` with QAT on ``train``, exports int8, and compares fp32 / PTQ int8 / QAT int8 on VAL.
 
     ``quantize`` gives the int8 settings (per-channel, I/O type, float layers as resolved names, calibration samples);
     ``val`` defaults to ``train`` (then the accuracies are training accuracies: pass VAL data).
     ``log`` receives progress lines (``print`` by default; pass ``lambda s: None`` to silence).
+    ``train_options``: the fine-tune's optimizer, schedule and augmentation (the ``train`` section).
     """
     from kcompress.evaluation import evaluate
     from kcompress.modelinfo import input_shape
@@ -308,7 +302,6 @@ def qat(
     calibrate(qmodel, train)
     if options.epochs > 0:
         from_logits = not _ends_in_softmax(model)
-        _compile(qmodel, from_logits, options.lr)
         t0 = time.time()
         fit(
             qmodel,
@@ -316,10 +309,13 @@ def qat(
             val,
             epochs=options.epochs,
             batch_size=options.batch_size,
-            lr=options.lr,
+            lr=options.rate((train_options or TrainOptions()).optimizer),
             seed=seed,
-            compile=False,
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
+            recalibrate_bn=False,  # BatchNorm is folded into the convolutions' fake-quant scheme here
             verbose=verbose,
+            train_options=train_options,
+            log=log,
         )
         info["train_seconds"] = round(time.time() - t0, 1)
     keras_acc = evaluate(qmodel, val, description="QAT (Keras)").accuracy
