@@ -59,7 +59,7 @@ def demo(overrides, out_dir: str, overwrite: bool) -> None:
     from kcompress.pipeline.demo import run_demo
 
     con = console()
-    result = run_demo(out_dir, overwrite=overwrite, log=lambda m: con.print(m, markup=False),
+    result = run_demo(out_dir, overwrite=overwrite, log=lambda m: con.print(m, markup=False, soft_wrap=True),
                       overrides=tuple(overrides))
     base = result.rows[0]
     rows = []

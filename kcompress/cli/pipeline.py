@@ -52,7 +52,7 @@ def run(config_path: str, overrides, run_dir: Optional[str], resume: bool) -> No
     run_dir = run_dir or os.path.join("runs", cfg.name)
     con = console()
     con.print(f"Run {cfg.name} (config hash {config_hash(cfg)}) -> {run_dir}")
-    result = kc.run_pipeline(cfg, run_dir, resume=resume, log=lambda m: con.print(m, markup=False))
+    result = kc.run_pipeline(cfg, run_dir, resume=resume, log=lambda m: con.print(m, markup=False, soft_wrap=True))
     _print_stages(con, [(r.stage, r.metrics) for r in result.stages if r.stage != "benchmark"])
     con.print(f"Final model: {result.final_model}")
     plots = ", ".join(os.path.basename(p) for p in result.report.values() if p.endswith(".png"))

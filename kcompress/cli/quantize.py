@@ -113,7 +113,7 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     check_output_path(out, overwrite)
     con = console()
     r = kc.quantize(model, data, val_data=val_data, test_data=test_data, test_split=test_split, options=opts, preprocess=preprocess(kw), limit=limit, seed=seed,
-                    log=lambda m: con.print(m, markup=False) if not as_json else None)
+                    log=lambda m: con.print(m, markup=False, soft_wrap=True) if not as_json else None)
     final = out if r.within_max_drop else failed_name(out)
     r.save(final, overwrite=True if final != out else overwrite)
     if as_json:
