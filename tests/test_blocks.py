@@ -239,7 +239,10 @@ def test_options_are_checked():
     with pytest.raises(OptionError, match="channel, block, both"):
         PruneOptions(granularity="layer")
     o = PruneOptions(target_latency_ms="2.5", granularity="both", epochs=6)  # replaces the default target_flops
-    assert o.target_latency_ms == 2.5 and o.num_rounds() == 2 and PruneOptions(target_flops=0.3).num_rounds() == 2
+    assert o.target_latency_ms == 2.5 and o.num_rounds() == 2
+    # FLOPs targets: rounds of at most 20%, but at least 3 fine-tuning epochs each
+    assert PruneOptions(target_flops=0.3).num_rounds() == 1 and PruneOptions(target_flops=0.3, epochs=6).num_rounds() == 2
+    assert PruneOptions(target_flops=0.5, epochs=3).num_rounds() == 1 and PruneOptions(target_flops=0.5, epochs=9).num_rounds() == 3
     assert Staged.of(PruneOptions()) is None  # channels to a FLOPs target: the plain path
     with pytest.raises(UsageError, match="needs data"):
         Staged.of(PruneOptions(granularity="block"))
