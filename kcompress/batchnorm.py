@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-
 from kcompress.backend import keras, tf
 from kcompress.data import DataSource
 from kcompress.modelinfo import flat_layers, input_shape
@@ -52,11 +50,12 @@ def recalibrate_batchnorm(model, data: DataSource, samples: int = 2048, batch_si
         bn.trainable = True  # a frozen BN layer runs in inference mode even with training=True
     net = training_model or model
     try:
-        for k, (x, _) in enumerate(data.numpy_batches(input_shape(model), batch_size=batch_size,
-                                                     limit=min(samples, data.num_samples)), start=1):
+        sample = data.dataset(input_shape(model), batch_size=batch_size, limit=min(samples, data.num_samples),
+                              seed=seed)  # stratified, seeded
+        for k, (x, _) in enumerate(sample, start=1):
             for bn in bns:
                 bn.momentum = (k - 1) / k  # moving = (k-1)/k * moving + 1/k * batch: the running mean of batches
-            net(tf.constant(np.asarray(x, np.float32)), training=True)
+            net(x, training=True)
     finally:
         for bn, (momentum, trainable) in zip(bns, saved):
             bn.momentum, bn.trainable = momentum, trainable

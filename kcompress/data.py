@@ -441,14 +441,12 @@ class Splits:
     nothing)."""
 
     train: DataSource
-    val: DataSource
+    val: Optional[DataSource]
     test: Optional[DataSource] = None
 
     def describe(self) -> str:
-        parts = [f"train {self.train.name} ({self.train.num_samples})", f"val {self.val.name} ({self.val.num_samples})"]
-        if self.test is not None:
-            parts.append(f"test {self.test.name} ({self.test.num_samples})")
-        return ", ".join(parts)
+        return ", ".join(f"{name} {src.name} ({src.num_samples})" for name in ("train", "val", "test")
+                         if (src := getattr(self, name)) is not None)
 
 
 def open_splits(
@@ -461,10 +459,12 @@ def open_splits(
     seed: int = 0,
     preprocess: Preprocess = Preprocess(),
     train_limit: Optional[int] = None,
+    require_val: bool = True,
 ) -> Splits:
-    """Opens and checks the three splits. ``val_split``/``test_split`` carve VAL/TEST out of TRAIN (stratified,
-    seeded; TEST first, then VAL from the rest), replacing ``val``/``test``. ``train_limit`` then keeps a stratified
-    subset of what is left for training. Every split must have TRAIN's classes."""
+    """Opens and checks the three splits (specs or opened DataSources). ``val_split``/``test_split`` carve VAL/TEST
+    out of TRAIN (stratified, seeded; TEST first, then VAL from the rest), replacing ``val``/``test``. ``train_limit``
+    then keeps a stratified subset of what is left for training. Every split must have TRAIN's classes.
+    ``require_val=False`` lets VAL be None (the API's techniques then choose on TRAIN and say so)."""
 
     def opened(spec):
         if spec is None or isinstance(spec, DataSource):
@@ -474,11 +474,13 @@ def open_splits(
     tr = opened(train)
     te = opened(test)
     if test_split:
+        if te is not None:
+            raise UsageError("give test data or test_split, not both")
         tr, te = tr.split(test_split, seed=seed, what="test")
     va = opened(val)
     if val_split:
         tr, va = tr.split(val_split, seed=seed + 1, what="val")
-    if va is None:
+    if va is None and require_val:
         raise UsageError("no validation data: give val (a data set) or val_split (a fraction of train)")
     if train_limit:
         tr = tr.subset(train_limit, seed=seed)

@@ -101,20 +101,12 @@ def as_splits(train: Any, val: Any = None, test: Any = None, *, test_split: floa
     """``(train, val, test)`` DataSources for the API's techniques: ``test_split`` carves TEST out of TRAIN
     (stratified, seeded) instead of ``test``; ``train_limit`` then keeps a stratified seeded subset of TRAIN for
     quick runs; VAL and TEST must have TRAIN's classes. ``val``/``test`` may be None."""
-    from kcompress.data import check_same_classes
+    from kcompress.data import open_splits
 
-    tr = as_data(train, preprocess, "train")
-    va = as_data(val, preprocess, "val") if val is not None else None
-    te = as_data(test, preprocess, "test") if test is not None else None
-    if test_split:
-        if te is not None:
-            raise UsageError("give test data or test_split, not both")
-        tr, te = tr.split(test_split, seed=seed, what="test")
-    if train_limit:
-        tr = tr.subset(train_limit, seed=seed)
-    check_same_classes(tr, va)
-    check_same_classes(tr, te)
-    return tr, va, te
+    s = open_splits(as_data(train, preprocess, "train"), as_data(val, preprocess, "val"),
+                    as_data(test, preprocess, "test"), test_split=test_split, seed=seed, train_limit=train_limit,
+                    require_val=False)
+    return s.train, s.val, s.test
 
 
 def as_tflite(model: Any) -> bytes:

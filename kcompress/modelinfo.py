@@ -27,22 +27,22 @@ from kcompress.errors import KcompressError
 __all__ = ["input_shape", "num_classes", "count_params", "flat_layers", "layer_macs", "count_macs", "macs_by_layer"]
 
 
-def input_shape(model) -> tuple:
-    """The model's single input shape without the batch axis."""
-    shapes = model.input_shape
+def _single(shapes, what: str, need: str):
+    """The one shape of a model's inputs or outputs (Keras gives a list when there are several)."""
     if isinstance(shapes, list):
         if len(shapes) != 1:
-            raise KcompressError(f"models with {len(shapes)} inputs are not supported yet (need one input)")
+            raise KcompressError(f"models with {len(shapes)} {what} are not supported yet (need {need})")
         shapes = shapes[0]
-    return tuple(shapes[1:])
+    return shapes
+
+
+def input_shape(model) -> tuple:
+    """The model's single input shape without the batch axis."""
+    return tuple(_single(model.input_shape, "inputs", "one input")[1:])
 
 
 def num_classes(model) -> int:
-    shape = model.output_shape
-    if isinstance(shape, list):
-        if len(shape) != 1:
-            raise KcompressError(f"models with {len(shape)} outputs are not supported yet (need one classifier output)")
-        shape = shape[0]
+    shape = _single(model.output_shape, "outputs", "one classifier output")
     if len(shape) != 2 or shape[-1] is None:
         raise KcompressError(f"the model's output shape {shape} is not a classifier's (batch, classes)")
     return int(shape[-1])

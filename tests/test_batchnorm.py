@@ -25,22 +25,26 @@ def test_recalibrated_statistics_are_the_data_mean_and_variance(tmp_path):
     assert recalibrate_batchnorm(model, data, samples=512, batch_size=128) == 1
     h = inner(x).numpy()
     np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(axis=0), rtol=1e-4, atol=1e-4)
-    # the mean of four equal batches' (population) variances: within-batch spread, as BN sees it in training
-    batches = [inner(x[np.sort(i)]).numpy() for i in np.array_split(np.arange(512), 4)]
-    assert np.all(bn.moving_variance.numpy() > 0)
+    # the mean of four batches' variances: close to the whole sample's (batch means differ a little)
     np.testing.assert_allclose(bn.moving_variance.numpy(), h.var(axis=0), rtol=0.1)
-    assert bn.momentum == 0.99 and batches  # momentum restored
+    assert bn.momentum == 0.99  # restored
 
 
-def test_nested_and_frozen_batchnorm_layers_are_found_and_restored():
+def test_nested_and_frozen_batchnorm_layers_are_recalibrated_and_stay_frozen(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(5.0, 2.0, (256, 4)).astype(np.float32)
+    path = str(tmp_path / "d.npz")
+    np.savez(path, x=x, y=rng.integers(0, 2, 256))
     inner_in = L.Input((4,))
     inner = keras.Model(inner_in, L.BatchNormalization(name="inner_bn")(inner_in), name="backbone")
     inp = L.Input((4,))
-    outer_bn = L.BatchNormalization(name="outer_bn")
-    model = keras.Model(inp, outer_bn(inner(inp)))
-    inner.trainable = False
+    model = keras.Model(inp, L.BatchNormalization(name="outer_bn")(inner(inp)))
+    inner.trainable = False  # a frozen backbone, as in transfer learning
     assert {b.name for b in batchnorm_layers(model)} == {"inner_bn", "outer_bn"}
-    assert not inner.layers[1].trainable
+    assert recalibrate_batchnorm(model, open_data(path), samples=256, batch_size=64) == 2
+    # the frozen backbone's BN now holds the data's statistics (not the initial 0 / 1) and is still frozen
+    np.testing.assert_allclose(inner.layers[1].moving_mean.numpy(), x.mean(axis=0), rtol=1e-4)
+    assert not inner.layers[1].trainable and not inner.trainable
 
 
 def _bn_cnn(width=32):

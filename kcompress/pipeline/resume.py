@@ -16,12 +16,6 @@ from typing import Optional
 __all__ = ["chain", "finished", "stage_model", "content_fingerprint", "data_fingerprint", "started"]
 
 
-def write_json(path: str, obj) -> None:
-    from kcompress.io import write_json as write
-
-    write(path, obj, overwrite=True)
-
-
 def chain(prev: str, settings: dict) -> str:
     """Hash of a stage's settings chained to the earlier stages'."""
     text = prev + json.dumps(settings, sort_keys=True, default=str)
@@ -73,5 +67,7 @@ def started(stage_dir: str, chain: str) -> bool:
             same = json.load(f).get("chain") == chain
     except (OSError, ValueError):
         same = False
-    write_json(path, {"chain": chain, "started": time.time()})
+    from kcompress.io import write_json
+
+    write_json(path, {"chain": chain, "started": time.time()}, overwrite=True)
     return same
