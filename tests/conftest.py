@@ -69,6 +69,20 @@ def digits_npz(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def digits32_npz(tmp_path_factory):
+    """256 real digits upsampled to 32x32x3 as an .npz of 0-255 pixels (for applications models that need larger
+    inputs); open it with the preprocessing the test needs."""
+    from kcompress.data import open_data
+
+    src = open_data("digits")
+    x = np.concatenate([b for b, _ in src.numpy_batches((8, 8, 1), batch_size=256)])[:256]
+    x = np.repeat(np.kron(x, np.ones((1, 4, 4, 1), np.float32)), 3, axis=-1)
+    path = tmp_path_factory.mktemp("d32") / "d32.npz"
+    np.savez(path, x=x, y=src.labels[:256])
+    return str(path)
+
+
 def run_cli(*args):
     from click.testing import CliRunner
 

@@ -31,14 +31,9 @@ def trained(digits):
 
 
 @pytest.fixture(scope="module")
-def digits32(tmp_path_factory):
-    """Real digits upsampled to 32x32x3 (for applications models that need larger inputs)."""
-    src = open_data("digits")
-    x = np.concatenate([b for b, _ in src.numpy_batches((8, 8, 1), batch_size=256)])[:256]
-    x = np.repeat(np.kron(x, np.ones((1, 4, 4, 1), np.float32)), 3, axis=-1)
-    path = tmp_path_factory.mktemp("d32") / "d32.npz"
-    np.savez(path, x=x, y=src.labels[:256])
-    return open_data(str(path), PRE)
+def digits32(digits32_npz):
+    """Real digits upsampled to 32x32x3, scaled to 0-1."""
+    return open_data(digits32_npz, PRE)
 
 
 def _kernel_sparsity(layer):

@@ -51,7 +51,7 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, tra
         student_model = as_model(student, stage="distill").model
     else:
         keras.utils.set_random_seed(seed)
-        student_model = derive_student(t.model, opts.student_width)
+        student_model = derive_student(t.model, opts.student_width, log=log)
     tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess,
                            train_limit=train_limit)
     if checkpoint_dir and overwrite_checkpoints and not resume:  # else the trainer refuses an earlier run's

@@ -10,7 +10,16 @@ are kept where changing them would break the graph or the task:
   any member cannot change (the model input, the classifier, a ``Reshape``/``Permute``/``Lambda`` that hard-codes a
   shape, or a join of concatenated tensors, where rounding could break the sum).
 
-Gotcha: nested models (a model used as a layer) are not rewritten; pass a student model file instead.
+- a grouped convolution with one group per channel (ConvNeXt's depthwise ``Conv2D``) follows its input's width;
+  other grouped convolutions keep the width of what feeds them;
+- a ``Reshape`` that keeps the channels last (squeeze-excite's ``(1, 1, C)``) follows its input's new width;
+  so does a layer that is not built into Keras but sizes a per-channel weight by ``projection_dim`` (ConvNeXt's
+  ``LayerScale``); other ``Reshape`` layers, ``Permute``, ``Lambda`` and other layers that are not built into Keras
+  keep the width of what feeds them.
+
+Nested models (a ``keras.applications`` backbone used as a layer) are inlined first
+(:func:`kcompress.graph.flatten_model`): the student is one flat functional model with the backbone's layers
+scaled too; :func:`derive_student` says so through ``log``.
 """
 
 from __future__ import annotations
@@ -75,15 +84,25 @@ def _inbound_layers(layer, model) -> list:
     return found
 
 
-def scaled_layers(model) -> dict[str, bool]:
-    """``{layer name: True if its width may scale}`` for every width-setting layer (see the module docstring)."""
+def _builtin(layer) -> bool:
+    return type(layer).__module__.startswith(("tf_keras.src.layers", "keras.src.layers", "keras.layers"))
+
+
+def _keeps_channels(layer, ins_shape) -> bool:
+    """A Reshape whose output's last axis is its input's channel axis, e.g. squeeze-excite's ``(1, 1, C)``."""
+    target = layer.target_shape
+    return bool(target) and ins_shape is not None and target[-1] == ins_shape[-1] and target[-1] is not None
+
+
+def scaled_layers(model, follow: dict | None = None) -> dict[str, bool]:
+    """``{layer name: True if its width may scale}`` for every width-setting layer (see the module docstring).
+
+    ``follow`` (filled when given): ``{reshape layer name: its input's channel sources}`` for the reshapes whose
+    last axis must follow the new width."""
     layers = list(model.layers)
     for layer in layers:
         if isinstance(layer, keras.Model):
-            raise KcompressError(
-                f"the teacher contains a nested model ({layer.name}); --student-width cannot rewrite it: "
-                "pass a student model with --student"
-            )
+            raise KcompressError(f"nested model {layer.name!r}: flatten the teacher first (kcompress.graph)")
     groups = _Groups()
     fixed = set()
     source: dict[str, frozenset] = {}  # layer name -> channel sources of its output
@@ -97,7 +116,14 @@ def scaled_layers(model) -> dict[str, bool]:
         ins = [prev] if sequential else [source.get(il.name, frozenset([_INPUT])) for il in _inbound_layers(layer, model)]
         ins = ins or [frozenset([_INPUT])]
         attr = _width_attr(layer)
-        if attr is not None:
+        if getattr(layer, "groups", 1) > 1:  # grouped conv: depthwise-like ones follow their input, others fix it
+            if layer.groups == layer.filters == layer.input_shape[-1]:
+                if follow is not None:
+                    follow[layer.name] = ins[0]
+            else:
+                fixed.update(m for s in ins for m in s)
+            out = ins[0]
+        elif attr is not None:
             out = frozenset([layer.name])
         elif isinstance(layer, _JOINS) or (len(ins) > 1 and not isinstance(layer, L.Concatenate)):
             members = [m for s in ins for m in s]
@@ -115,9 +141,17 @@ def scaled_layers(model) -> dict[str, bool]:
                 for m in members[1:]:
                     groups.union(members[0], m)
                 out = ins[0]
-        elif isinstance(layer, _BARRIERS):
-            fixed.update(ins[0])
-            out = frozenset([_INPUT])
+        elif isinstance(layer, L.Reshape) and _keeps_channels(layer, layer.input_shape):
+            if follow is not None:
+                follow[layer.name] = ins[0]
+            out = ins[0]
+        elif not _builtin(layer) and layer.get_config().get("projection_dim") == layer.input_shape[-1]:
+            if follow is not None:  # ConvNeXt's LayerScale: a per-channel scale sized by projection_dim
+                follow[layer.name] = ins[0]
+            out = ins[0]
+        elif isinstance(layer, _BARRIERS) or not _builtin(layer):
+            fixed.update(m for s in ins for m in s)
+            out = frozenset([_INPUT]) if isinstance(layer, _BARRIERS) else ins[0]
         else:  # elementwise, normalisation, pooling, padding, depthwise, flatten, dropout...
             out = ins[0]
         source[layer.name] = out
@@ -128,7 +162,8 @@ def scaled_layers(model) -> dict[str, bool]:
     fixed.add(_INPUT)
     fixed_roots = {groups.find(m) for m in fixed}
     return {
-        layer.name: groups.find(layer.name) not in fixed_roots for layer in layers if _width_attr(layer) is not None
+        layer.name: groups.find(layer.name) not in fixed_roots for layer in layers
+        if _width_attr(layer) is not None and getattr(layer, "groups", 1) == 1
     }
 
 
@@ -136,8 +171,11 @@ def _output_layers(model):
     return [t._keras_history.layer for t in model.outputs]
 
 
-def derive_student(teacher, width: float, name: str | None = None):
-    """A freshly initialised copy of ``teacher``'s architecture with its widths multiplied by ``width``."""
+def derive_student(teacher, width: float, name: str | None = None, log=None):
+    """A freshly initialised copy of ``teacher``'s architecture with its widths multiplied by ``width``
+    (nested models inlined: see the module docstring)."""
+    from kcompress.graph import flatten_model
+
     if not 0 < width < 1:
         raise UsageError(f"--student-width must be between 0 and 1 (a fraction of the teacher's widths), got {width}")
     if not isinstance(teacher, keras.Sequential) and not getattr(teacher, "_is_graph_network", False):
@@ -145,22 +183,42 @@ def derive_student(teacher, width: float, name: str | None = None):
             "--student-width needs a Sequential or functional teacher (a subclassed model has no architecture config); "
             "pass a student model with --student"
         )
-    scalable = scaled_layers(teacher)
+    teacher, nested = flatten_model(teacher, with_nesting=True)
+    if nested and log is not None:
+        log(f"student: {nested.describe()}")
+    follow: dict = {}
+    scalable = scaled_layers(teacher, follow)
     if not any(scalable.values()):
         raise KcompressError("the teacher has no layer whose width can be scaled (only the classifier)")
     config = copy.deepcopy(teacher.get_config())
     by_name = {lyr.name: lyr for lyr in teacher.layers}
     for entry in config["layers"]:
+        entry.pop("build_config", None)  # the teacher's input shapes; layers build from their new inputs
         if "trainable" in entry["config"]:
             entry["config"]["trainable"] = True  # a frozen teacher's config records trainable=False
         lname = entry["config"].get("name")
         if scalable.get(lname):
             attr = _width_attr(by_name[lname])
             entry["config"][attr] = max(1, int(round(width * entry["config"][attr])))
+    new_width = {e["config"]["name"]: e["config"][_width_attr(by_name[e["config"]["name"]])]
+                 for e in config["layers"] if e["config"].get("name") in scalable}
+    for entry in config["layers"]:
+        sources = follow.get(entry["config"].get("name"))
+        if not sources or _INPUT in sources:
+            continue
+        width_in = sum(new_width[m] for m in sources)
+        if "groups" in entry["config"]:  # depthwise-like grouped conv
+            entry["config"]["groups"] = entry["config"]["filters"] = width_in
+        elif "projection_dim" in entry["config"]:
+            entry["config"]["projection_dim"] = width_in
+        else:
+            entry["config"]["target_shape"] = [*list(entry["config"]["target_shape"])[:-1], width_in]
     config.pop("trainable", None)
     config["name"] = name or f"{teacher.name}_student"
     try:
-        student = teacher.__class__.from_config(config)
+        custom = {type(la).__name__: type(la) for la in teacher.layers if not _builtin(la)}
+        with keras.utils.custom_object_scope(custom):
+            student = teacher.__class__.from_config(config)
     except Exception as e:  # noqa: BLE001 - from_config raises many types
         raise KcompressError(f"cannot build the width-{width:g} student from the teacher's config: {e}") from None
     if getattr(student, "_is_graph_network", False) or student.built:

@@ -8,7 +8,8 @@ outputs, for the report), ``config.yaml`` (the exact config), ``log.txt`` and, w
 Resume: a stage whose ``stage.json`` carries the same chain hash (its own config section hashed together with
 every earlier stage's) is skipped; changing one stage's settings reruns it and everything after it.
 Gates: a stage whose accuracy falls more than its ``max_drop`` points below the previous stage, or the run more
-than ``max_drop`` below the baseline, stops the run with :class:`GateFailed`, keeping every artifact.
+than ``max_drop`` below the baseline, stops the run with :class:`GateFailed`, keeping every artifact. So does a
+prune stage that misses its target (sparsity, or FLOPs) by more than 5 points (``target_met`` in its metrics).
 """
 
 from __future__ import annotations
@@ -185,7 +186,9 @@ def _stage_prune(ctx: _Ctx, model, out_dir: str):
         result = prune_magnitude(model, ctx.train, ctx.val, c, seed=ctx.cfg.seed, train_options=ctx.cfg.train,
                                  log=ctx.log)
         extra = {"method": "magnitude", "overall_sparsity": result.overall_sparsity, "pruned_layers": result.pruned,
-                 "warnings": list(result.warnings)}
+                 "warnings": list(result.warnings), "target_met": result.target_met, "flattened": result.flattened,
+                 "shortfall": "" if result.target_met else
+                 f"sparsity {result.overall_sparsity:.1%} of the pruned kernels, target {result.target:.0%}"}
     else:
         from kcompress.pruning.structured import prune_structured
 
@@ -194,7 +197,8 @@ def _stage_prune(ctx: _Ctx, model, out_dir: str):
         extra = {"method": "structured", "macs_before": result.macs_before, "macs_after": result.macs_after,
                  "params_before": result.params_before, "params_after": result.params_after,
                  "removed_blocks": result.staged.get("removed_blocks", []), "latency": result.staged.get("latency"),
-                 "warnings": list(result.staged.get("notes", []))}
+                 "warnings": list(result.staged.get("notes", [])), "target_met": getattr(result, "target_met", True),
+                 "shortfall": getattr(result, "shortfall", ""), "flattened": getattr(result, "flattened", {})}
         for note in extra["warnings"]:
             ctx.log(f"note: {note}")
     path = os.path.join(out_dir, "model.keras")
@@ -443,6 +447,9 @@ def _gate(cfg: RunConfig, records: list[StageRecord], base_acc: Optional[float])
     if cur.stage in ("train", "baseline", "benchmark") or prev.stage == "train":
         return
     section = getattr(cfg, cur.stage)
+    if cur.metrics.get("target_met") is False:
+        raise GateFailed(f"stage {cur.stage} missed its target by more than 5 points ({cur.metrics.get('shortfall')}); "
+                         f"artifacts kept in {cur.dir}")
     drop = 100 * (prev.metrics["accuracy"] - cur.metrics["accuracy"])
     if drop > section.max_drop:
         raise GateFailed(

@@ -11,6 +11,12 @@ Gotchas:
 - ``--block 2:4`` is tfmot's m-by-n sparsity along the input channels; layers whose input channels are not a
   multiple of n are left dense (said in ``skipped``).
 - the input model is never modified (pruning works on a copy).
+- nested models (a ``keras.applications`` backbone used as a layer) are inlined first
+  (:func:`kcompress.graph.flatten_model`), so the backbone is pruned too; the result is one flat functional model
+  (``flattened`` names what was inlined).
+- layers with weights that tfmot cannot prune (``DepthwiseConv2D``, ``BatchNormalization``'s scales...) stay dense;
+  the convolution-like ones are listed in ``skipped`` with the reason and their share of the parameters.
+- ``target_met`` is False when the pruned kernels end more than 5 points below the requested sparsity.
 
 Structured pruning (channels physically removed) is in :mod:`kcompress.pruning.structured`.
 """
@@ -51,6 +57,7 @@ def _prunable_classes() -> tuple:
             L.SeparableConv2D, L.Dense, L.Embedding)
 
 
+TARGET_SLACK = 0.05  # a stage whose sparsity ends more than this below its target says so (target_met False)
 RAMP = 0.6  # fraction of the fine-tuning steps over which sparsity reaches its target
 
 
@@ -101,6 +108,13 @@ class MagnitudeResult:
     warnings: list[str] = field(default_factory=list)
     steps: int = 0
     ramp_end_step: int = 0
+    target: float = 0.0  # the requested sparsity of the pruned kernels
+    flattened: dict = field(default_factory=dict)  # nested model path -> its layer count (empty: nothing nested)
+
+    @property
+    def target_met(self) -> bool:
+        """The pruned kernels reached the target within :data:`TARGET_SLACK`."""
+        return self.overall_sparsity >= self.target - TARGET_SLACK
 
 
 def copy_model(model):
@@ -124,6 +138,19 @@ def prunable_layers(model) -> list:
     prunable_iface = tfmot().sparsity.keras.PrunableLayer
     classes = _prunable_classes()
     return [layer for layer in model.layers if type(layer) in classes or isinstance(layer, prunable_iface)]
+
+
+def _dense_left(model, prunable) -> dict[str, str]:
+    """Convolution-like layers tfmot cannot prune (they stay dense), each with why and its share of parameters."""
+    names = {layer.name for layer in prunable}
+    total = max(1, model.count_params())
+    out = {}
+    for layer in model.layers:
+        if layer.name in names or not isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.DepthwiseConv1D)):
+            continue
+        share = layer.count_params() / total
+        out[layer.name] = f"{type(layer).__name__}: tfmot cannot prune depthwise kernels ({share:.2%} of the parameters)"
+    return out
 
 
 def resolve_skip(model, skip: Sequence[str]) -> dict[str, str]:
@@ -232,11 +259,21 @@ def prune_magnitude(
         raise UsageError(f"ramp must be in (0, 1], got {ramp}")
     options = _Plan.of(options or PruneOptions(method=PruneMethod.MAGNITUDE), seed, ramp,
                        train_options.optimizer if train_options else None)
+    from kcompress.graph import flatten_model
+
     sk = tfmot().sparsity.keras
     notes: list[str] = []
+    source = model
+    model, nested = flatten_model(model, with_nesting=True)
+    if nested and log is not None:
+        log(nested.describe())
     skipped = resolve_skip(model, options.skip)
     base = copy_model(model)
     candidates = prunable_layers(base)
+    dense = _dense_left(base, candidates)
+    if dense and log is not None:
+        share = sum(base.get_layer(n).count_params() for n in dense) / max(1, base.count_params())
+        log(f"{len(dense)} depthwise layer(s) stay dense ({share:.1%} of the parameters): tfmot cannot prune them")
     to_prune = set()
     for layer in candidates:
         if layer.name in skipped:
@@ -273,7 +310,7 @@ def prune_magnitude(
 
     # wrapping the copy's own layers keeps their weights; unwrapped layers are shared with ``base`` (a copy)
     wrapped = keras.models.clone_model(base, clone_function=wrap)
-    before = evaluate(model, val, description="accuracy before").accuracy if val is not None else None
+    before = evaluate(source, val, description="accuracy before").accuracy if val is not None else None
     keras.utils.set_random_seed(options.seed)
     cbs = [sk.UpdatePruningStep()]
     if val is not None:
@@ -290,7 +327,7 @@ def prune_magnitude(
     return MagnitudeResult(
         model=plain,
         pruned=[layer.name for layer in candidates if layer.name in to_prune],
-        skipped=skipped,
+        skipped={**skipped, **dense},
         sparsity=per,
         overall_sparsity=overall,
         total_sparsity=total,
@@ -300,4 +337,6 @@ def prune_magnitude(
         warnings=notes,
         steps=steps,
         ramp_end_step=ramp_end,
+        target=options.target,
+        flattened=dict(nested.models),
     )

@@ -75,7 +75,7 @@ def _quant_point(model, layer, consumers) -> object:
 
 def candidate_layers(model) -> list:
     """Layers whose int8 quantization can be switched off by name: weighted layers and merges (flat model)."""
-    from kcompress.quantization.qat_graph import flatten_model
+    from kcompress.graph import flatten_model
 
     flat = flatten_model(model)
     return [la for la in flat.layers if isinstance(la, _WEIGHTED + _MERGE)]
@@ -86,7 +86,7 @@ def sensitivity(model, data: DataSource, samples: int = 256, log: Optional[Calla
     "accuracy_delta", "agreement", "float_cost_bytes"}`` (accuracy in points on ``samples`` samples of ``data``)."""
     from kcompress.modelinfo import input_shape
     from kcompress.progress import progress
-    from kcompress.quantization.qat_graph import flatten_model
+    from kcompress.graph import flatten_model
 
     flat = flatten_model(model)
     shape = input_shape(flat)
