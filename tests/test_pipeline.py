@@ -145,3 +145,35 @@ def test_quantize_stage_runs_qat_and_keeps_the_better(cnn_path, tmp_path):
     assert q["method"] == ("qat" if q["qat_accuracy"] > q["ptq_accuracy"] else "ptq")
     assert q["accuracy"] == pytest.approx(max(q["qat_accuracy"], q["ptq_accuracy"]), abs=1e-9)
     assert any("running quantization-aware training" in line for line in logs)
+
+
+def test_prune_stage_that_misses_its_flops_target_fails_the_gate_and_the_cli(tmp_path, digits):
+    """Almost every MAC sits behind softmax activations (channel barriers): structured pruning at 50% FLOPs cannot
+    get near the target, and both the pipeline and `kcompress prune` say so and fail, keeping the output."""
+    from kcompress.backend import keras
+    from kcompress.io import save_model
+
+    L = keras.layers
+    inp = L.Input((8, 8, 1))
+    x = L.Activation("softmax")(L.Conv2D(32, 3, padding="same")(inp))
+    x = L.Activation("softmax")(L.Conv2D(32, 3, padding="same", name="big")(x))
+    x = L.Conv2D(8, 1, activation="relu")(x)
+    model = keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    path = str(tmp_path / "frozen.keras")
+    save_model(model, path)
+    cfg = config_from_dict({"name": "t", "model": {"path": path},
+                            "data": {"train": "digits:train", "val": "digits:val", "scale": SCALE},
+                            "baseline": {"batch_sizes": [1], "runs": 3},
+                            "prune": {"enabled": True, "method": "structured", "target_flops": 0.5, "epochs": 1,
+                                      "max_drop": 100},
+                            "quantize": {"qat": "never"}, "max_drop": 100})
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(GateFailed, match=r"stage prune missed its target by more than 5 points \(.*big"):
+        execute(cfg, run_dir, log=lambda m: None)
+    assert os.path.exists(os.path.join(run_dir, "03-prune", "model.keras"))
+    out = str(tmp_path / "pruned.keras")
+    r = run_cli("prune", path, "--data", "digits:train", "--val-data", "digits:val", "--scale", SCALE, "--method",
+                "structured", "--target-flops", 0.5, "--epochs", 1, "-o", out)
+    assert r.exit_code == 1 and "missed its target" in r.output
+    assert not os.path.exists(out) and os.path.exists(out.replace(".keras", ".FAILED.keras"))

@@ -124,7 +124,8 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
     r = kc.prune(model_path, data_spec, val_spec, test=test_data, test_split=test_split, train_limit=train_limit,
                  log=(lambda m: None) if as_json else click.echo, options=opts, preprocess=preprocess(kw), seed=seed,
                  train_options=topts)
-    final = out if r.within_max_drop else failed_name(out)
+    ok = r.within_max_drop and r.target_met
+    final = out if ok else failed_name(out)
     r.save(final, overwrite=True if final != out else overwrite)
     if as_json:
         print_json({**r.to_dict(), "out": final})
@@ -133,6 +134,11 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
         if r.hint:
             click.echo(f"Hint: {r.hint}")
         wrote(final, "as a Keras 3 model, like the input" if r.keras3 else "")
+    if not r.target_met:
+        click.echo(f"Error: pruning missed its target by more than 5 points ({r.details.get('shortfall') or ''}"
+                   f"{'; ' if r.details.get('shortfall') else ''}kept as {final}, not {out}; see the frozen or "
+                   "skipped layers above)", err=True)
+        sys.exit(KcompressError.exit_code)
     if not r.within_max_drop:
         click.echo(f"Error: pruning lost {r.drop_points:.2f} points on VAL, more than --max-drop {opts.max_drop} "
                    f"(kept as {final}, not {out}; fine-tune longer, prune less or more gradually with --rounds)",

@@ -61,6 +61,11 @@ class PruneResult:
                 "the target device before choosing int8 (kcompress device bench)")
 
     @property
+    def target_met(self) -> bool:
+        """The method reached its target (sparsity, or FLOPs) within 5 points; see ``details["target_met"]``."""
+        return bool(self.details.get("target_met", True))
+
+    @property
     def flops_reduction(self) -> float:
         return 1.0 - self.after["macs"] / self.before["macs"] if self.before.get("macs") else 0.0
 
@@ -68,7 +73,8 @@ class PruneResult:
         return {"method": str(self.method), "options": self.options.to_dict(),
                 "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
                 "drop_points": self.drop_points, "details": self.details, "before": self.before,
-                "after": self.after, "warnings": list(self.warnings), "test": self.test, "hint": self.hint}
+                "after": self.after, "warnings": list(self.warnings), "test": self.test, "hint": self.hint,
+                "target_met": self.target_met}
 
     def save(self, path: str, overwrite: bool = False) -> str:
         """Writes the pruned model (Keras 3 ``.keras`` when the input was Keras 3, else by extension)."""
@@ -131,8 +137,9 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
 
         r = prune_structured(m.model, tr, va, opts, seed=seed, verbose=verbose, train_options=topts, log=log)
         details = {"groups": r.groups, "frozen": r.frozen, "rounds": r.rounds,
-                   "removed_blocks": r.staged.get("removed_blocks", []), "latency": r.staged.get("latency")}
-        notes: list[str] = list(r.staged.get("notes", []))
+                   "removed_blocks": r.staged.get("removed_blocks", []), "latency": r.staged.get("latency"),
+                   "target_met": r.target_met, "shortfall": r.shortfall, "flattened": r.flattened}
+        notes: list[str] = list(r.staged.get("notes", [])) + ([f"target missed: {r.shortfall}"] if r.shortfall else [])
     else:
         from kcompress.pruning.magnitude import prune_magnitude
 
@@ -141,8 +148,13 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
             r = prune_magnitude(m.model, tr, va, opts, seed=seed, verbose=verbose, train_options=topts, log=log)
         details = {"pruned": r.pruned, "skipped": r.skipped, "sparsity": r.sparsity,
                    "overall_sparsity": r.overall_sparsity, "total_sparsity": r.total_sparsity,
-                   "target_sparsity": opts.target_sparsity}
+                   "target_sparsity": opts.target_sparsity, "target_met": r.target_met, "flattened": r.flattened}
         notes = list(r.warnings)
+        if not r.target_met:
+            details["shortfall"] = (f"sparsity {r.overall_sparsity:.1%} of the pruned kernels, target "
+                                    f"{r.target:.0%}")
+            notes.append(f"sparsity {r.overall_sparsity:.1%} of the pruned kernels missed the target "
+                         f"{r.target:.0%} by more than 5 points")
     before = _measure(m.model, tr, structured, seed) if measure else {}
     after = _measure(r.model, tr, structured, seed) if measure else {}
     from kcompress.evaluation import test_figures

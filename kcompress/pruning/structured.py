@@ -1,16 +1,18 @@
 """Structured pruning: whole filters/channels removed, the result rebuilt as a smaller dense tf_keras model.
 
-How channels are tracked: every convolution/dense layer creates a *channel space*; layers that keep channels in
-place (BatchNorm, activations, pooling, padding, depthwise convolutions whose channels follow their input, ...) pass
-their input's space on. ``Add``/``Multiply``/... join the spaces of their inputs into one group (a residual group
-is pruned with one shared mask); ``Concatenate`` lays spaces side by side (offsets); ``Flatten`` repeats the space
-once per spatial position, so a ``Dense`` after it drops the matching rows of every spatial block. A group is
-frozen (left whole) when it reaches the model input or output, or a layer whose channels cannot be removed safely
-(``Reshape`` changing the channel axis, grouped convolutions, ``Softmax``, unknown layers, ...): these are listed
-in :attr:`StructuredResult.frozen`.
+Which channels go together (residual and squeeze-excite groups, concatenations, ``Flatten``) and which are left
+whole (*frozen*: the model input and output, barriers such as softmax, grouped convolutions, unknown layers) is the
+:class:`~kcompress.pruning.channels.ChannelGraph`'s business; frozen layers are listed in
+:attr:`StructuredResult.frozen`. Nested models (a ``keras.applications`` backbone used as a layer) are inlined first
+(:func:`kcompress.graph.flatten_model`): the backbone is pruned too and the output is one flat functional model
+(:attr:`StructuredResult.flattened` names what was inlined).
 
-The output is built fresh from the input model's config with smaller ``filters``/``units`` and the kept weights
-copied, so it saves, loads and converts like any model. The input model is never modified.
+Gotchas: channels go in order of importance until the estimated MACs reach the target, but frozen groups and the
+:data:`MIN_KEEP` floor can leave a FLOPs target out of reach: the result then says so (``target_met`` False when the
+reduction ends more than :data:`TARGET_SLACK` below ``target_flops``, and ``shortfall`` names the biggest frozen
+groups and why they are frozen). The output is built fresh from the input model's config with smaller
+``filters``/``units`` and the kept weights copied, so it saves, loads and converts like any model. The input model is
+never modified.
 """
 
 from __future__ import annotations
@@ -23,26 +25,19 @@ import numpy as np
 
 from kcompress.backend import keras, tf
 from kcompress.data import DataSource
-from kcompress.errors import KcompressError, UsageError
-from kcompress.modelinfo import count_macs, count_params, layer_macs
+from kcompress.errors import UsageError
+from kcompress.graph import flatten_model
+from kcompress.modelinfo import count_macs, count_params
 from kcompress.options import PruneOptions, TrainOptions
+from kcompress.pruning.channels import ChannelGraph, _functional
 
 __all__ = ["StructuredResult", "ChannelGraph", "prune_structured", "prune_once"]
 
 L = keras.layers
-_PASS = (L.BatchNormalization, L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D,
-         L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout, L.MaxPooling1D, L.MaxPooling2D, L.AveragePooling1D,
-         L.AveragePooling2D, L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalMaxPooling1D,
-         L.GlobalMaxPooling2D, L.ZeroPadding1D, L.ZeroPadding2D, L.Cropping1D, L.Cropping2D, L.UpSampling1D,
-         L.UpSampling2D, L.ActivityRegularization)
-_MERGE = (L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum)
-_ELEMENTWISE_OPS = {"__operators__.add", "__operators__.sub", "__operators__.mul", "__operators__.truediv",
-                    "math.add", "math.subtract", "math.multiply", "math.truediv", "math.divide", "math.maximum",
-                    "math.minimum", "nn.relu", "nn.relu6", "math.sigmoid", "nn.silu", "nn.swish", "math.tanh",
-                    "nn.gelu", "math.negative", "compat.v1.nn.relu6"}
-
 
 MIN_KEEP = 0.1  # never keep fewer than this fraction of a group's channels (and at least 1)
+TARGET_SLACK = 0.05  # a FLOPs reduction this far below target_flops (a latency this share above target_latency_ms)
+# is reported: target_met False, with the shortfall
 TAYLOR_BATCHES = 8  # training batches scored for the taylor criterion
 
 
@@ -69,251 +64,6 @@ class _Plan:
 
     def num_rounds(self) -> int:
         return self.rounds
-
-
-def _functional(model):
-    if isinstance(model, keras.Sequential):
-        if not model.built:
-            raise KcompressError("the Sequential model is not built (it has no input shape)")
-        return keras.Model(model.inputs, model.outputs, name=model.name)
-    if not getattr(model, "_is_graph_network", False):
-        raise KcompressError("structured pruning needs a functional or Sequential model, not a subclassed one")
-    return model
-
-
-class ChannelGraph:
-    """Channel groups of a functional model; ``keep[root]`` is the boolean mask of a group's kept channels."""
-
-    def __init__(self, model):
-        self.model = _functional(model)
-        self.size: list[int] = []
-        self.parent: list[int] = []
-        self.frozen: dict[int, str] = {}
-        self.sources: dict[int, list[str]] = {}  # atom -> layers whose output channels it is
-        self.records: dict[str, dict] = {}  # layer name -> {"kind", "in", "out"}
-        self._analyse()
-        self.keep = {r: np.ones(self.size[r], bool) for r in self.groups()}
-
-    # union-find over channel atoms
-    def _atom(self, n: int, frozen: Optional[str] = None) -> int:
-        self.size.append(int(n))
-        self.parent.append(len(self.parent))
-        if frozen:
-            self.frozen[len(self.size) - 1] = frozen
-        return len(self.size) - 1
-
-    def root(self, a: int) -> int:
-        while self.parent[a] != a:
-            self.parent[a] = self.parent[self.parent[a]]
-            a = self.parent[a]
-        return a
-
-    def _union(self, a: int, b: int) -> None:
-        ra, rb = self.root(a), self.root(b)
-        if ra != rb:
-            self.parent[rb] = ra
-
-    def _freeze(self, layout, reason: str) -> None:
-        for a in layout[0]:
-            self.frozen.setdefault(a, reason)
-
-    def _analyse(self) -> None:
-        model = self.model
-        layouts: dict = {}
-
-        def key(kt):
-            h = kt._keras_history
-            return (h.layer.name, h.node_index, h.tensor_index)
-
-        def channels(kt) -> int:
-            return int(kt.shape[-1]) if kt.shape.rank and kt.shape[-1] is not None else -1
-
-        for layer in model.layers:
-            nodes = [(i, n) for i, n in enumerate(layer._inbound_nodes)
-                     if f"{layer.name}_ib-{i}" in model._network_nodes]
-            for i, node in nodes:
-                ins = [kt for kt in tf.nest.flatten(node.keras_inputs)]
-                in_l = [layouts[key(kt)] for kt in ins if key(kt) in layouts]
-                outs = tf.nest.flatten(node.outputs)
-                out = self._layer_layout(layer, ins, in_l, outs, len(nodes), channels)
-                for j, kt in enumerate(outs):
-                    layouts[(layer.name, i, j)] = out if j == 0 else ((self._atom(channels(kt), "multi-output"),), 1)
-        for kt in model.outputs:
-            self._freeze(layouts[key(kt)], "reaches the model output")
-        self.frozen = {self.root(a): r for a, r in self.frozen.items()}
-
-    def _layer_layout(self, layer, ins, in_l, outs, n_nodes, channels):
-        name = layer.name
-        out_c = channels(outs[0])
-
-        def barrier(reason):
-            for lay in in_l:
-                self._freeze(lay, f"feeds {name} ({reason})")
-            self.records[name] = {"kind": "fixed"}
-            return ((self._atom(max(out_c, 1), f"comes from {name} ({reason})"),), 1)
-
-        if isinstance(layer, L.InputLayer):
-            return ((self._atom(max(out_c, 1), "the model input"),), 1)
-        if n_nodes > 1:
-            return barrier("layer used more than once")
-        if len(in_l) != len(ins) or not in_l:
-            return barrier("inputs not traced")
-        cls = type(layer)
-        first = in_l[0]
-        if cls in (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense, L.SeparableConv1D, L.SeparableConv2D):
-            if getattr(layer, "groups", 1) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
-                return barrier("grouped or channels-first convolution")
-            if len(in_l) != 1:
-                return barrier("several inputs")
-            out = self._atom(out_c)
-            self.sources.setdefault(out, []).append(name)
-            kind = "sep" if cls in (L.SeparableConv1D, L.SeparableConv2D) else "conv"
-            self.records[name] = {"kind": kind, "in": first, "out": out}
-            return ((out,), 1)
-        if cls is L.DepthwiseConv2D:
-            if layer.depth_multiplier != 1:
-                return barrier("depth multiplier > 1")
-            self.records[name] = {"kind": "dw", "in": first}
-            return first
-        if isinstance(layer, _PASS) and cls.__module__.startswith("tf_keras"):
-            if isinstance(layer, L.BatchNormalization):
-                axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-                if list(axis) not in ([-1], [len(ins[0].shape) - 1]):
-                    return barrier("normalizes a non-channel axis")
-                self.records[name] = {"kind": "bn", "in": first}
-            else:
-                self.records[name] = {"kind": "pass", "in": first}
-            return first
-        if cls is L.Rescaling and np.ndim(layer.scale) == 0 and np.ndim(layer.offset) == 0:
-            self.records[name] = {"kind": "pass", "in": first}
-            return first
-        if cls is L.Reshape and len(in_l) == 1 and channels(ins[0]) == out_c and first[1] == 1:
-            self.records[name] = {"kind": "reshape", "in": first}
-            return first
-        if cls is L.Flatten:
-            spatial = int(np.prod([d for d in ins[0].shape[1:-1]])) if len(ins[0].shape) > 2 else 1
-            if first[1] != 1 and spatial != 1:
-                return barrier("flatten of a flattened tensor")
-            self.records[name] = {"kind": "pass", "in": first}
-            return (first[0], first[1] * spatial)
-        if cls is L.Concatenate:
-            if layer.axis not in (-1, len(outs[0].shape) - 1) or any(lay[1] != 1 for lay in in_l):
-                return barrier("concatenates along a non-channel axis")
-            self.records[name] = {"kind": "pass", "in": first}
-            return (tuple(a for lay in in_l for a in lay[0]), 1)
-        elementwise = isinstance(layer, _MERGE) or (
-            cls.__name__ in ("TFOpLambda", "SlicingOpLambda") and getattr(layer, "symbol", "") in _ELEMENTWISE_OPS
-        )
-        if elementwise:
-            full = [lay for lay, kt in zip(in_l, ins) if channels(kt) == out_c]
-            if any(channels(kt) not in (out_c, 1) for kt in ins) or not full:
-                return barrier("broadcasts channels")
-            shapes = {tuple(self.size[a] for a in lay[0]) + (lay[1],) for lay in full}
-            if len(shapes) != 1:
-                return barrier("joins tensors with different channel layouts")
-            for lay in full[1:]:
-                for a, b in zip(full[0][0], lay[0]):
-                    self._union(a, b)
-            self.records[name] = {"kind": "pass", "in": full[0]}
-            return full[0]
-        return barrier(f"{cls.__name__} is not supported for channel removal")
-
-    # ----- queries
-    def groups(self) -> list[int]:
-        """Roots of prunable groups: not frozen, produced by at least one convolution/dense layer."""
-        roots = {self.root(a) for a in self.sources}
-        return sorted(r for r in roots if r not in self.frozen)
-
-    def members(self, root: int) -> list[str]:
-        return [n for a, names in self.sources.items() if self.root(a) == root for n in names]
-
-    def frozen_layers(self) -> dict[str, str]:
-        out = {}
-        for a, names in self.sources.items():
-            r = self.root(a)
-            if r in self.frozen:
-                for n in names:
-                    out[n] = self.frozen[r]
-        return out
-
-    def _kept(self, layout) -> np.ndarray:
-        parts, off = [], 0
-        for a in layout[0]:
-            r = self.root(a)
-            mask = self.keep.get(r, np.ones(self.size[a], bool))
-            parts.append(np.flatnonzero(mask) + off)
-            off += self.size[a]
-        base = np.concatenate(parts) if parts else np.arange(0)
-        return np.concatenate([base + p * off for p in range(layout[1])])
-
-    def _count(self, layout) -> tuple[int, int]:
-        kept = sum(int(self.keep.get(self.root(a), np.ones(self.size[a], bool)).sum()) for a in layout[0])
-        return kept * layout[1], sum(self.size[a] for a in layout[0]) * layout[1]
-
-    def estimate_macs(self) -> int:
-        """MACs of the pruned model from the current masks (exact for the layers this module changes)."""
-        if not hasattr(self, "_terms"):
-            self._terms = []  # (macs, kind, in layout, out atom, depthwise share of a separable conv's macs)
-            for layer in self.model.layers:
-                rec = self.records.get(layer.name, {"kind": "fixed"})
-                dw = 0.0
-                if rec["kind"] == "sep":
-                    k = int(np.prod(layer.kernel_size))
-                    dw = k / (k + layer.filters)
-                self._terms.append((layer_macs(layer), rec["kind"], rec.get("in"), rec.get("out"), dw))
-        total = 0.0
-        for macs, kind, lay, out, dw in self._terms:
-            if kind in ("conv", "sep", "dw"):
-                ki, ni = self._count(lay)
-                fin = ki / ni
-                if kind == "dw":
-                    macs *= fin
-                else:
-                    ko, no = self._count(((out,), 1))
-                    macs = macs * dw * fin + macs * (1 - dw) * fin * ko / no
-            total += macs
-        return int(round(total))
-
-    # ----- rebuild
-    def rebuild(self):
-        """A fresh functional model with the kept channels and their weights."""
-        config = self.model.get_config()
-        for lc in config["layers"]:
-            lc.pop("build_config", None)  # the old input shapes; layers rebuild from their new inputs
-            rec = self.records.get(lc["config"]["name"])
-            if rec is None:
-                continue
-            if rec["kind"] in ("conv", "sep"):
-                kept = self._count(((rec["out"],), 1))[0]
-                lc["config"]["units" if lc["class_name"] == "Dense" else "filters"] = kept
-            elif rec["kind"] == "reshape":
-                lc["config"]["target_shape"] = [*lc["config"]["target_shape"][:-1], self._count(rec["in"])[0]]
-        custom = {type(layer).__name__: type(layer) for layer in self.model.layers}
-        with keras.utils.custom_object_scope(custom):
-            new = keras.Model.from_config(config)
-        for layer in self.model.layers:
-            weights = layer.get_weights()
-            if weights:
-                new.get_layer(layer.name).set_weights(self._slice(layer, weights))
-        return new
-
-    def _slice(self, layer, w: list) -> list:
-        rec = self.records.get(layer.name, {"kind": "fixed"})
-        kind = rec["kind"]
-        if kind == "fixed" or kind == "pass" and not isinstance(layer, L.BatchNormalization):
-            return w
-        i = self._kept(rec["in"])
-        if kind in ("bn", "pass"):
-            return [v[i] for v in w]
-        if kind == "dw":
-            return [w[0][..., i, :]] + [v[i] for v in w[1:]]
-        o = self._kept(((rec["out"],), 1))
-        if kind == "conv":
-            k = w[0][i] if isinstance(layer, L.Dense) else w[0][..., i, :]
-            return [k[..., o]] + [v[o] for v in w[1:]]
-        dm = layer.depth_multiplier  # separable
-        pw_in = (i[:, None] * dm + np.arange(dm)[None, :]).ravel()
-        return [w[0][..., i, :], w[1][..., pw_in, :][..., o]] + [v[o] for v in w[2:]]
 
 
 def _importance(graph: ChannelGraph, criterion: str, data: Optional[DataSource], options) -> dict[int, np.ndarray]:
@@ -440,6 +190,9 @@ class StructuredResult:
     accuracy_after: Optional[float]
     rounds: list[dict] = field(default_factory=list)
     staged: dict = field(default_factory=dict)  # removed_blocks, notes, latency (kcompress.pruning.blocks)
+    target_met: bool = True  # the FLOPs (or latency) target reached within TARGET_SLACK; True with ratio
+    shortfall: str = ""  # when not met: how much was reached and the biggest frozen groups with their reasons
+    flattened: dict = field(default_factory=dict)  # nested model path -> its layer count (empty: nothing nested)
 
     @property
     def flops_reduction(self) -> float:
@@ -459,7 +212,9 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
 
     staged = Staged.of(options or PruneOptions(), seed, train, val, log)  # None: channels only, by MACs or ratio
     options = _Plan.of(options or PruneOptions(), seed, train_options.optimizer if train_options else None)
-    model = _functional(model)
+    model, nesting = flatten_model(_functional(model), with_nesting=True)
+    if nesting and log is not None:
+        log(nesting.describe())
     macs0 = count_macs(model)
     k = options.num_rounds()
     before = evaluate(model, val, description="accuracy before").accuracy if val is not None else None
@@ -498,12 +253,40 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
         if new_n != final.size[r]:
             groups.append({"layers": names, "channels": final.size[r], "kept": new_n})
     after = evaluate(current, val, description="accuracy after").accuracy if val is not None else None
+    macs1 = count_macs(current)
+    report = staged.report() if staged else {}
+    if report.get("latency"):
+        lat = report["latency"]
+        met = lat["reached_ms"] <= lat["target_ms"] * (1 + TARGET_SLACK)
+        short = "" if met else (f"fp32 p50 {lat['reached_ms']:.3f} ms reached, target {lat['target_ms']:.3f} ms"
+                                f"{_frozen_text(final, macs0)}")
+    elif options.target_flops is not None:
+        reached = 1 - macs1 / macs0 if macs0 else 0.0
+        met = reached >= options.target_flops - TARGET_SLACK
+        short = "" if met else (f"{reached:.0%} fewer MACs reached of the {options.target_flops:.0%} asked"
+                                f"{_frozen_text(final, macs0)}")
+    else:
+        met, short = True, ""
+    if short and log is not None:
+        log(f"target missed: {short}")
     return StructuredResult(
         model=current, groups=groups, frozen=final.frozen_layers(),
         params_before=count_params(model)["total"], params_after=count_params(current)["total"],
-        macs_before=macs0, macs_after=count_macs(current), accuracy_before=before, accuracy_after=after,
-        rounds=rounds, staged=staged.report() if staged else {},
+        macs_before=macs0, macs_after=macs1, accuracy_before=before, accuracy_after=after,
+        rounds=rounds, staged=report, target_met=met, shortfall=short, flattened=dict(nesting.models),
     )
+
+
+def _frozen_text(graph: ChannelGraph, macs0: int, top: int = 3) -> str:
+    """``"; biggest frozen groups: ..."`` (their layers, share of the MACs, reason), or why none is to blame."""
+    frozen = [g for g in graph.frozen_groups() if g["macs"] > 0][:top]
+    if not frozen:
+        return f"; no frozen group holds MACs: the groups reached their floor ({MIN_KEEP:.0%} of their channels kept)"
+    parts = []
+    for g in frozen:
+        names = ", ".join(g["layers"][:2]) + (f" +{len(g['layers']) - 2} more" if len(g["layers"]) > 2 else "")
+        parts.append(f"{names} ({g['macs'] / max(macs0, 1):.0%} of the MACs: {g['reason']})")
+    return "; biggest frozen groups: " + "; ".join(parts)
 
 
 def _width(layer) -> int:

@@ -84,9 +84,9 @@ def candidate_layers(model) -> list:
 def sensitivity(model, data: DataSource, samples: int = 256, log: Optional[Callable[[str], None]] = None) -> list[dict]:
     """Per-layer rows ranked most sensitive first: ``{"rank", "layer", "type", "params", "sqnr_db",
     "accuracy_delta", "agreement", "float_cost_bytes"}`` (accuracy in points on ``samples`` samples of ``data``)."""
+    from kcompress.graph import flatten_model
     from kcompress.modelinfo import input_shape
     from kcompress.progress import progress
-    from kcompress.graph import flatten_model
 
     flat = flatten_model(model)
     shape = input_shape(flat)
