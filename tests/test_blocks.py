@@ -243,6 +243,9 @@ def test_options_are_checked():
     # FLOPs targets: rounds of at most 20%, but at least 3 fine-tuning epochs each
     assert PruneOptions(target_flops=0.3).num_rounds() == 1 and PruneOptions(target_flops=0.3, epochs=6).num_rounds() == 2
     assert PruneOptions(target_flops=0.5, epochs=3).num_rounds() == 1 and PruneOptions(target_flops=0.5, epochs=9).num_rounds() == 3
+    # blocks: one round (a second round removes blocks that cost far more with half the epochs left)
+    assert PruneOptions(target_flops=0.5, epochs=9, granularity="block").num_rounds() == 1
+    assert PruneOptions(target_flops=0.5, epochs=9, granularity="both").num_rounds() == 1
     assert Staged.of(PruneOptions()) is None  # channels to a FLOPs target: the plain path
     with pytest.raises(UsageError, match="needs data"):
         Staged.of(PruneOptions(granularity="block"))
