@@ -8,12 +8,13 @@ MACs are traced through the same graph (:mod:`kcompress.modelinfo`).
 
 What flattening keeps and changes:
 
-- the computation: the flat model gives the same outputs as the original (the trained layer objects are reused, so
-  weights are shared with the original, not copied), and it saves and loads with plain tf_keras;
+- the computation: the flat model gives the same outputs as the original, and it saves and loads with plain
+  tf_keras. Its layers are fresh copies (same config, same weights), never the user's layer objects: a layer object
+  that belongs to two graphs has two sets of outbound nodes, and tfmot's pattern matching then sees a convolution
+  with two consumers and does not fold its BatchNorm (a nested MobileNetV2's QAT file had 52 extra MUL/ADD ops);
 - shared layers stay shared: a layer object called twice (also through a nested model called twice) is one layer;
 - names stay unique: when two nested models hold different layers of the same name (two backbones, ConvNeXt's
-  stem/downsampling ``Sequential``\\ s), the later ones are copies renamed ``<nested model>_<layer>`` (weights copied
-  once, so those two are no longer shared with the original);
+  stem/downsampling ``Sequential`` models), the later ones are renamed ``<nested model>_<layer>``;
 - the nesting is gone: a stage's output model is flat. :func:`nesting` records what was inlined, so a stage can say
   so (``"flattened: nested model 'mobilenetv2_1.00_96' (154 layers) inlined"``).
 
@@ -99,8 +100,8 @@ def _leaves(model, path: str, seen: dict, order: list, models: dict) -> None:
 
 
 def _unique(model) -> tuple[dict[int, object], Nesting, list]:
-    """The flat layer to use for each original layer object, renaming copies where names collide; and the
-    (original, copy) pairs whose weights must be copied once the copies are built."""
+    """A fresh copy of each original layer object (renamed where names collide); and the (original, copy) pairs whose
+    weights must be copied once the copies are built."""
     seen: dict[int, str] = {}
     order: list = []
     models: dict[str, int] = {}
@@ -110,20 +111,26 @@ def _unique(model) -> tuple[dict[int, object], Nesting, list]:
     renamed: dict[str, str] = {}
     copies = []
     for layer in order:
-        if layer.name not in taken:
-            taken.add(layer.name)
-            use[id(layer)] = layer
-            continue
-        base = f"{seen[id(layer)].split('/')[-1]}_{layer.name}"
-        name, i = base, 1
-        while name in taken:
-            i += 1
-            name = f"{base}_{i}"
+        name = layer.name
+        if name in taken:
+            base = f"{seen[id(layer)].split('/')[-1]}_{layer.name}"
+            name, i = base, 1
+            while name in taken:
+                i += 1
+                name = f"{base}_{i}"
+            renamed[f"{seen[id(layer)]}/{layer.name}"] = name
         taken.add(name)
-        use[id(layer)] = type(layer).from_config({**layer.get_config(), "name": name})
+        use[id(layer)] = _copy(layer, name)
         copies.append((layer, use[id(layer)]))
-        renamed[f"{seen[id(layer)]}/{layer.name}"] = name
     return use, Nesting(models, renamed), copies
+
+
+def _copy(layer, name: str):
+    """A fresh, unbuilt layer with ``layer``'s config under ``name`` (weights are set once it is built)."""
+    if isinstance(layer, L.InputLayer):
+        return layer
+    with keras.utils.custom_object_scope({type(layer).__name__: type(layer)}):
+        return type(layer).from_config({**layer.get_config(), "name": name})
 
 
 def nesting(model) -> Nesting:
@@ -134,7 +141,7 @@ def nesting(model) -> Nesting:
 
 
 def flatten_model(model, *, with_nesting: bool = False):
-    """The same network as one flat functional model (nested models inlined); the trained layers are reused.
+    """The same network as one flat functional model: nested models inlined, every layer a copy with its weights.
 
     Returns ``model`` itself when nothing is nested (``(model, nesting)`` with ``with_nesting``). Raises
     :class:`KcompressError` for subclassed models, at the top or nested.
@@ -179,6 +186,7 @@ def flatten_model(model, *, with_nesting: bool = False):
     except ValueError as e:
         raise KcompressError(f"cannot flatten the nested model {model.name!r}: {str(e).splitlines()[0]}") from None
     for orig, new in copies:
-        new.set_weights(orig.get_weights())
+        if new is not orig:
+            new.set_weights(orig.get_weights())
     return (flat, info) if with_nesting else flat
 
