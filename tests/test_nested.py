@@ -197,3 +197,25 @@ def test_keras3_transfer_model_flattens_and_goes_back_to_keras3(tmp_path):
     path = bridge.save_keras3(flat, str(tmp_path / "flat.keras"))
     back = k3.saving.load_model(path)
     np.testing.assert_allclose(k3.ops.convert_to_numpy(back(x, training=False)), want, atol=1e-5)
+
+
+def test_qat_of_a_nested_backbone_folds_batchnorm_like_ptq(digits32):
+    """The flat view holds fresh layer copies: with the user's layer objects (which also belong to the nested model's
+    graph) tfmot saw each convolution with two consumers and left 52 BatchNorms as float MUL/ADD ops."""
+    from collections import Counter
+
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    import kcompress as kc
+
+    model = transfer(mobilenet())
+
+    def ops(tflite):
+        it = Interpreter(model_content=tflite, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        return Counter(o["op_name"] for o in it._get_ops_details())
+
+    qat_ops = ops(kc.qat(model, digits32, epochs=1, bench=False).tflite)
+    ptq_ops = ops(kc.quantize(model, digits32, mode="int8", calibration_samples=32).tflite)
+    assert qat_ops == ptq_ops
+    # Rescaling's one MUL and one ADD, and MobileNetV2's ten residual adds: no BatchNorm left as arithmetic
+    assert qat_ops["MUL"] == 1 and qat_ops["ADD"] == 11

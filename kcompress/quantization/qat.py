@@ -3,7 +3,7 @@
 :func:`qat_model` turns a trained float model into a QAT model that tfmot accepts whatever the architecture:
 
 1. nested models (ConvNeXt's stem/downsampling ``Sequential``\\ s, a backbone inside a classifier) are inlined
-   into one flat functional graph (:func:`flatten_model`), reusing the trained layers;
+   into one flat functional graph (:func:`kcompress.graph.flatten_model`), reusing the trained layers;
 2. only the layers tfmot's default 8-bit registry knows are annotated (``quantize_annotate_layer``); the rest
    (``TFOpLambda`` adds, ``Rescaling``, ``LayerScale``, a BatchNormalization that does not follow a conv, ...)
    stay float in Keras, and the TFLite converter quantizes them post-training from the representative data;
@@ -14,7 +14,8 @@ the conv by the converter; :func:`layer_table` shows, per layer, what happened t
 When the input model is sparse (magnitude-pruned: at least :data:`SPARSE_THRESHOLD` of its kernel weights are
 exactly zero), tfmot's prune-preserving scheme keeps the zeros through QAT.
 
-:func:`qat` is the whole flow: PTQ baseline, QAT fine-tune, export with a representative dataset, LiteRT
+:func:`qat` is the whole flow: PTQ baseline, QAT fine-tune, export with a representative dataset (from one traced
+inference function, not a SavedModel round trip: see :func:`kcompress.quantization.ptq.convert`), LiteRT
 evaluation, the Keras-vs-TFLite check (within 1 point, else a warning naming the diverging layers) and the int8
 checks (size at most :data:`MAX_INT8_RATIO` of the fp32 parameter bytes, no DEQUANTIZE hops outside float layers).
 Per-layer sensitivity and mixed precision (:func:`sensitivity`, :func:`auto_float_layers`) live in
@@ -23,6 +24,7 @@ Per-layer sensitivity and mixed precision (:func:`sensitivity`, :func:`auto_floa
 Gotchas: QAT fine-tunes with the same loss as training (sparse categorical cross-entropy; logits or softmax as the
 last layer says); the default learning rate (1e-4) is 10x below Adam's default, pass ``lr`` when the model was
 trained at another rate. QAT is not automatically better than PTQ: the result says so when PTQ was as good.
+A one-epoch fine-tune runs without VAL (there is no best epoch to keep); VAL is measured once, after it.
 """
 
 from __future__ import annotations
@@ -134,35 +136,38 @@ def diverging_layers(kmodel, tflite: bytes, x: np.ndarray, top: int = 5) -> list
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]
     details = interp.get_tensor_details()
+    x = np.asarray(x[:4], np.float32)
+    outs = probe(x, training=False)  # one batched call
+    kouts = [np.asarray(k, np.float32) for k in (outs if len(layers) > 1 else [outs])]
+    # each layer's TFLite tensor, matched once (not per sample): the first ';'-part of a tensor name names the op
+    # that produced it (later parts are ops fused into it)
+    heads = [t["name"].split(";")[0] for t in details]
+    matched = []
+    for li, (layer, ko) in enumerate(zip(layers, kouts)):
+        inner = getattr(layer, "layer", layer)
+        act_fn = getattr(inner, "activation", None)
+        act_fn = getattr(act_fn, "activation", act_fn)  # tfmot's QuantizeAwareActivation wraps the function
+        if getattr(act_fn, "__name__", "linear") not in ("linear", "relu", "relu6"):
+            continue  # TFLite runs softmax etc. as a separate op: no match
+        names = {layer.name, inner.name}
+        shape = (1, *ko.shape[1:])
+        cands = [
+            t
+            for t, head in zip(details, heads)
+            if tuple(t["shape"]) == shape and any(f"/{n}/" in head or head.endswith(f"/{n}") for n in names)
+        ]
+        if cands:
+            matched.append((li, max(cands, key=lambda t: t["index"])))
     errs: dict[str, list[float]] = {}
-    for sample in x[:4]:
-        kouts = probe(sample[None], training=False)
-        s = np.asarray(sample[None], np.float32)
+    for i, sample in enumerate(x):
+        s = sample[None]
         if inp["dtype"] in (np.int8, np.uint8):
             sc, zp = inp["quantization"]
             info = np.iinfo(inp["dtype"])
             s = np.clip(np.round(s / sc + zp), info.min, info.max).astype(inp["dtype"])
         interp.set_tensor(inp["index"], s)
         interp.invoke()
-        for layer, ko in zip(layers, kouts):
-            ko = np.asarray(ko, np.float32)
-            inner = getattr(layer, "layer", layer)
-            act_fn = getattr(inner, "activation", None)
-            act_fn = getattr(act_fn, "activation", act_fn)  # tfmot's QuantizeAwareActivation wraps the function
-            act = getattr(act_fn, "__name__", "linear")
-            if act not in ("linear", "relu", "relu6"):  # TFLite runs softmax etc. as a separate op: no match
-                continue
-            names = {layer.name, inner.name}
-            # the first ';'-part names the op that produced the tensor (later parts are ops fused into it)
-            cands = [
-                t
-                for t in details
-                if tuple(t["shape"]) == ko.shape
-                and any(f"/{n}/" in t["name"].split(";")[0] or t["name"].split(";")[0].endswith(f"/{n}") for n in names)
-            ]
-            if not cands:
-                continue
-            t = max(cands, key=lambda t: t["index"])
+        for li, t in matched:
             try:
                 v = interp.get_tensor(t["index"]).astype(np.float32)
             except ValueError:
@@ -170,8 +175,9 @@ def diverging_layers(kmodel, tflite: bytes, x: np.ndarray, top: int = 5) -> list
             sc, zp = t["quantization"]
             if t["dtype"] in (np.int8, np.uint8, np.int16) and sc:
                 v = (v - zp) * sc
+            ko = kouts[li][i : i + 1]
             denom = float(np.std(ko)) or 1.0
-            errs.setdefault(layer.name, []).append(float(np.sqrt(np.mean((v - ko) ** 2))) / denom)
+            errs.setdefault(layers[li].name, []).append(float(np.sqrt(np.mean((v - ko) ** 2))) / denom)
     ranked = sorted(((n, float(np.mean(e))) for n, e in errs.items()), key=lambda kv: -kv[1])
     return [{"layer": n, "relative_rmse": e} for n, e in ranked[:top]]
 
@@ -297,7 +303,7 @@ def qat(
     info["float_layers"] = list(q.float_layers)
     log(
         f"QAT model: {len(info['annotated'])} layers with fake-quant, {len(info['left_float'])} left to the "
-        f"converter; scheme {info['scheme']}" + (" (nested model flattened)" if info["flattened"] else "")
+        f"converter; scheme {info['scheme']}" + (f"; {info['nesting']}" if info["flattened"] else "")
     )
     calibrate(qmodel, train)
     if options.epochs > 0:
@@ -306,7 +312,7 @@ def qat(
         fit(
             qmodel,
             train,
-            val,
+            val if options.epochs > 1 else None,  # one epoch: no best epoch to pick; VAL is measured right after
             epochs=options.epochs,
             batch_size=options.batch_size,
             lr=options.rate((train_options or TrainOptions()).optimizer),

@@ -13,6 +13,7 @@ import numpy as np
 from kcompress.backend import keras, tf, tfmot
 from kcompress.data import DataSource
 from kcompress.errors import KcompressError, UsageError
+from kcompress.graph import flatten_model, is_nested  # noqa: F401 - re-exported: the project's one graph view
 
 __all__ = ["SPARSE_THRESHOLD", "flatten_model", "weight_sparsity", "tflite_weight_sparsity", "qat_model", "calibrate",
            "layer_table", "is_nested"]
@@ -20,58 +21,6 @@ __all__ = ["SPARSE_THRESHOLD", "flatten_model", "weight_sparsity", "tflite_weigh
 SPARSE_THRESHOLD = 0.2  # fraction of exactly-zero kernel weights from which a model counts as pruned
 
 L = keras.layers
-
-# --------------------------------------------------------------------------------------------------- graph
-
-
-def is_nested(model) -> bool:
-    return any(isinstance(layer, keras.Model) for layer in model.layers)
-
-
-def flatten_model(model):
-    """The same network as one flat functional model (nested models inlined); the trained layers are reused.
-
-    Returns ``model`` itself when nothing is nested. Subclassed models (no layer graph) cannot be flattened.
-    """
-    if not is_nested(model):
-        return model
-    if not getattr(model, "_is_graph_network", False) and not isinstance(model, keras.Sequential):
-        raise KcompressError(f"model {model.name!r} is a subclassed model; QAT needs a functional or Sequential model")
-
-    def call(layer, args, kwargs):
-        if isinstance(layer, keras.Model):
-            outs = run(layer, tf.nest.flatten((args, kwargs)))
-            return outs[0] if len(outs) == 1 else outs
-        return layer(*args, **kwargs)
-
-    def run(m, inputs):
-        if not getattr(m, "_is_graph_network", False):
-            if not isinstance(m, keras.Sequential):
-                raise KcompressError(f"nested model {m.name!r} is subclassed; QAT cannot see inside it")
-            x = inputs[0]
-            for layer in m.layers:
-                x = call(layer, (x,), {})
-            return [x]
-        tensors: dict[str, list] = {}
-        for x, y in zip(m.inputs, inputs):
-            key = str(id(x))
-            tensors[key] = [y] * m._tensor_usage_count[key]
-        for depth in sorted(m._nodes_by_depth.keys(), reverse=True):
-            for node in m._nodes_by_depth[depth]:
-                if node.is_input or any(t not in tensors for t in node.flat_input_ids):
-                    continue
-                args, kwargs = node.map_arguments(tensors)
-                outs = call(node.layer, args, kwargs)
-                for key, y in zip(node.flat_output_ids, tf.nest.flatten(outs)):
-                    tensors[key] = [y] * m._tensor_usage_count[key]
-        return [tensors[str(id(x))].pop() for x in m.outputs]
-
-    inputs = [L.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name.split(":")[0]) for x in model.inputs]
-    try:
-        outputs = run(model, inputs)
-        return keras.Model(inputs, outputs if len(outputs) > 1 else outputs[0], name=model.name)
-    except ValueError as e:  # e.g. two nested models with layers of the same name
-        raise KcompressError(f"cannot flatten the nested model {model.name!r}: {str(e).splitlines()[0]}") from None
 
 
 def _kernels(model) -> list[np.ndarray]:
@@ -183,11 +132,12 @@ def qat_model(
 ):
     """``(qat_model, info)``: the float model wrapped for QAT, with fake-quant ops where tfmot supports them.
 
-    ``info`` holds ``flattened``, ``annotated``, ``left_float``, ``scheme`` and ``sparsity_before``.
+    ``info`` holds ``flattened`` (``nesting``: what was inlined, one line), ``annotated``, ``left_float``, ``scheme``
+    and ``sparsity_before``.
     The input model is not changed (tfmot clones it with its weights).
     """
     Q = tfmot().quantization.keras
-    flat = flatten_model(model)
+    flat, nesting = flatten_model(model, with_nesting=True)
     names = {layer.name for layer in flat.layers}
     unknown = [n for n in float_layers if n not in names]
     if unknown:
@@ -213,6 +163,7 @@ def qat_model(
     scheme_name = "Default8BitPrunePreserveQuantizeScheme" if preserve_sparsity else "Default8BitQuantizeScheme"
     info = {
         "flattened": flat is not model,
+        "nesting": nesting.describe(),
         "annotated": annotated,
         "left_float": left_float,
         "scheme": scheme_name,
