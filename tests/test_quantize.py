@@ -200,3 +200,26 @@ def test_cli_help():
     for cmd in ("qat", "sensitivity"):
         r = CliRunner().invoke(main, [cmd, "--help"])
         assert r.exit_code == 0 and "Example" in r.output
+
+
+def test_qat_leaves_average_pooling_to_the_converter(digits32_npz):
+    """DenseNet's transition (conv -> AveragePooling2D -> Concatenate): with the pool fake-quantized on its own, the
+    converter refused the graph ("same scale constraint"); left to the converter it is an int8 AVERAGE_POOL_2D."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    import kcompress as kc
+    from kcompress.data import Preprocess, open_data
+
+    L = keras.layers
+    inp = L.Input((32, 32, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(8, 3, padding="same")(inp)))
+    p = L.AveragePooling2D(2, name="trans_pool")(L.Conv2D(8, 1, use_bias=False)(x))
+    x = L.Conv2D(8, 3, padding="same")(L.ReLU()(L.BatchNormalization()(p)))
+    x = L.ReLU()(L.BatchNormalization()(L.Concatenate()([p, x])))
+    model = keras.Model(inp, L.Dense(10)(L.GlobalAveragePooling2D()(x)))
+    r = kc.qat(model, open_data(digits32_npz, Preprocess(scale=1 / 255)), epochs=1, bench=False)
+    assert "trans_pool" in r.info["left_float"]
+    it = Interpreter(model_content=r.tflite, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    tensors = it.get_tensor_details()
+    pools = [op for op in it._get_ops_details() if op["op_name"] == "AVERAGE_POOL_2D"]
+    assert pools and all(tensors[op["inputs"][0]]["dtype"] == np.int8 for op in pools)

@@ -8,6 +8,7 @@ outputs are copied before the next ``invoke``.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -36,6 +37,21 @@ class TFLiteModel:
     def __init__(
         self, model: str | bytes, num_threads: Optional[int] = None, batch_size: int = 1, delegates: bool = True
     ):
+        self.batch_size = int(batch_size)
+        #: why the default delegate (XNNPACK) was dropped, when it refused the graph ("" when it was not)
+        self.delegate_fallback = ""
+        try:
+            self.interpreter = self._open(model, num_threads, delegates)
+        except RuntimeError as e:  # XNNPACK can refuse a valid graph (e.g. a quantization scale near 1e-9)
+            if not delegates or not re.search(r"xnnpack|delegate", str(e), re.IGNORECASE):
+                raise KcompressError(f"cannot run the .tflite model: {str(e).strip().splitlines()[0]}") from None
+            self.delegate_fallback = str(e).strip().splitlines()[0]
+            self.interpreter = self._open(model, num_threads, False)
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def _open(self, model, num_threads, delegates: bool):
+        """An interpreter with the batch axis resized and tensors allocated."""
         Interpreter = _interpreter_class()
         kwargs: dict[str, Any] = {"num_threads": num_threads}
         if not delegates:  # the plain op graph, as written in the file (XNNPACK would fuse ops into DELEGATE nodes)
@@ -44,23 +60,25 @@ class TFLiteModel:
             kwargs["experimental_op_resolver_type"] = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             if isinstance(model, (bytes, bytearray)):
-                self.interpreter = Interpreter(model_content=bytes(model), **kwargs)
+                interpreter = Interpreter(model_content=bytes(model), **kwargs)
             else:
-                self.interpreter = Interpreter(model_path=model, **kwargs)
-        except (ValueError, RuntimeError) as e:
+                interpreter = Interpreter(model_path=model, **kwargs)
+        except ValueError as e:
             raise KcompressError(f"cannot load the .tflite model: {str(e).splitlines()[0]}") from None
-        inputs = self.interpreter.get_input_details()
-        outputs = self.interpreter.get_output_details()
+        except RuntimeError as e:
+            if delegates:
+                raise
+            raise KcompressError(f"cannot load the .tflite model: {str(e).splitlines()[0]}") from None
+        inputs = interpreter.get_input_details()
+        outputs = interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise KcompressError(f"models with {len(inputs)} inputs / {len(outputs)} outputs are not supported yet")
-        self.batch_size = int(batch_size)
         shape = list(inputs[0]["shape"])
         if shape and shape[0] != self.batch_size:
             shape[0] = self.batch_size
-            self.interpreter.resize_tensor_input(inputs[0]["index"], shape)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]
-        self.output = self.interpreter.get_output_details()[0]
+            interpreter.resize_tensor_input(inputs[0]["index"], shape)
+        interpreter.allocate_tensors()
+        return interpreter
 
     @property
     def input_shape(self) -> tuple[int, ...]:

@@ -123,20 +123,44 @@ def convert(
     except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
         # ConverterError: the MLIR converter refused the graph, which the SavedModel path imports alike
         if isinstance(model, str) or not getattr(model, "inputs", None) or type(e).__name__ == "ConverterError":
-            raise _failed(mode, e) from None
+            raise _failed(mode, e, model) from None
         try:  # tracing or freezing failed: the converter's own Keras path (a SavedModel round trip)
             data = _run(_converter(model, fast=False), options, calibration)
         except KcompressError:
             raise
         except Exception as e2:  # noqa: BLE001
-            raise _failed(mode, e2) from None
+            raise _failed(mode, e2, model) from None
     smoke_test(data)
     return data
 
 
-def _failed(mode: str, e: Exception) -> KcompressError:
+#: TFLite op (as the converter names it in errors) -> the Keras layer classes that become it
+_OP_LAYERS = {"average_pool_2d": ("AveragePooling2D", "GlobalAveragePooling2D"), "max_pool_2d": ("MaxPooling2D",),
+              "concatenation": ("Concatenate",), "conv_2d": ("Conv2D",), "depthwise_conv_2d": ("DepthwiseConv2D",),
+              "fully_connected": ("Dense",), "mean": ("GlobalAveragePooling2D",), "mul": ("Multiply",),
+              "add": ("Add",), "softmax": ("Softmax", "Activation"), "resize_bilinear": ("UpSampling2D", "Resizing")}
+
+
+def _failed(mode: str, e: Exception, model=None) -> KcompressError:
+    """One line: the converter's first error line and, when it names a TFLite op (``'tfl.average_pool_2d' op``),
+    the model's layers that become that op (the converter's own message names only a source line)."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return KcompressError(f"the TFLite converter failed ({mode}): {first[:400]}")
+    text = f"the TFLite converter failed ({mode}): {first[:400]}"
+    op = re.search(r"'tfl\.(\w+)' op", str(e))
+    if op and model is not None and not isinstance(model, str):
+        from kcompress.graph import flatten_model
+
+        classes = _OP_LAYERS.get(op.group(1), ())
+        try:
+            inner = [getattr(la, "layer", la) for la in flatten_model(model).layers]  # QAT wraps layers
+            layers = [la.name for la in inner if type(la).__name__ in classes]
+        except KcompressError:
+            layers = []
+        if layers:
+            more = f" and {len(layers) - 5} more" if len(layers) > 5 else ""
+            text += (f" (op {op.group(1).upper()}: layers {', '.join(layers[:5])}{more}; keep them float with "
+                     "--float-layers)")
+    return KcompressError(text)
 
 
 def _run(conv, options: QuantizeOptions, calibration) -> bytes:

@@ -124,6 +124,12 @@ def _custom_objects(model) -> dict:
     return objs
 
 
+#: Layers QAT leaves to the converter (calibrated in the export, still int8): TFLite's int8 AVERAGE_POOL_2D needs
+#: its output scale equal to its input's, while tfmot fake-quantizes the pool's output on its own; when the pool also
+#: feeds a Concatenate (DenseNet's transition blocks) the converter refuses the graph ("same scale constraint").
+CONVERTER_QUANTIZED = (L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D)
+
+
 def qat_model(
     model,
     float_layers: tuple[str, ...] = (),
@@ -150,7 +156,8 @@ def qat_model(
     def annotate(layer):
         if isinstance(layer, L.InputLayer):
             return layer
-        if layer.name not in float_layers and (_supported(reg, layer) or layer.name in after_conv):
+        if layer.name not in float_layers and not isinstance(layer, CONVERTER_QUANTIZED) and (
+                _supported(reg, layer) or layer.name in after_conv):
             annotated.append(layer.name)
             config = None if per_channel else _per_tensor_config(layer)
             return Q.quantize_annotate_layer(layer, quantize_config=config)
