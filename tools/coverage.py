@@ -245,10 +245,19 @@ def _arrays(data, shape) -> tuple[np.ndarray, np.ndarray]:
 def run_tflite(tflite: bytes, data) -> dict:
     """Runs the ``.tflite`` in ai_edge_litert (the interpreter itself, no kcompress wrapper) over ``data``: its
     accuracy and input/output types, and whether every output was finite."""
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    it = Interpreter(model_content=bytes(tflite))
-    it.allocate_tensors()
+    delegate = "default (XNNPACK)"
+    try:
+        it = Interpreter(model_content=bytes(tflite))
+        it.allocate_tensors()
+    except RuntimeError as e:  # XNNPACK can refuse a valid graph; LiteRT's own kernels still run it
+        if "XNNPACK" not in str(e):
+            raise
+        delegate = "builtin kernels (XNNPACK refused the graph)"
+        it = Interpreter(model_content=bytes(tflite),
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        it.allocate_tensors()
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     x, y = _arrays(data, tuple(int(d) for d in inp["shape"][1:]))
     preds, finite = [], True
@@ -264,7 +273,8 @@ def run_tflite(tflite: bytes, data) -> dict:
         finite &= bool(np.all(np.isfinite(o)))
         preds.append(int(np.argmax(o)))
     return {"accuracy": float(np.mean(np.array(preds) == y)), "input_dtype": np.dtype(inp["dtype"]).name,
-            "output_dtype": np.dtype(out["dtype"]).name, "finite": finite, "samples": int(len(y))}
+            "output_dtype": np.dtype(out["dtype"]).name, "finite": finite, "samples": int(len(y)),
+            "delegate": delegate}
 
 
 def run_keras(model, data) -> dict:

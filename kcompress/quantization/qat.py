@@ -128,11 +128,13 @@ def diverging_layers(kmodel, tflite: bytes, x: np.ndarray, top: int = 5) -> list
     TFLite tensors are matched to Keras layers by name (the converter names tensors after the layer path) and
     shape; layers without a match (e.g. a conv whose BN and ReLU were fused into it) are skipped.
     """
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     layers = [la for la in kmodel.layers if not isinstance(la, L.InputLayer)]
     probe = keras.Model(kmodel.inputs, [_output_in(kmodel, la) for la in layers])
-    interp = Interpreter(model_content=bytes(tflite), experimental_preserve_all_tensors=True)
+    # LiteRT's own kernels: XNNPACK would hide intermediate tensors inside its fused nodes (and may refuse the graph)
+    interp = Interpreter(model_content=bytes(tflite), experimental_preserve_all_tensors=True,
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]
     details = interp.get_tensor_details()
