@@ -197,8 +197,8 @@ def _stage_prune(ctx: _Ctx, model, out_dir: str):
         extra = {"method": "structured", "macs_before": result.macs_before, "macs_after": result.macs_after,
                  "params_before": result.params_before, "params_after": result.params_after,
                  "removed_blocks": result.staged.get("removed_blocks", []), "latency": result.staged.get("latency"),
-                 "warnings": list(result.staged.get("notes", [])), "target_met": getattr(result, "target_met", True),
-                 "shortfall": getattr(result, "shortfall", ""), "flattened": getattr(result, "flattened", {})}
+                 "warnings": list(result.staged.get("notes", [])), "target_met": result.target_met,
+                 "shortfall": result.shortfall, "flattened": result.flattened}
         for note in extra["warnings"]:
             ctx.log(f"note: {note}")
     path = os.path.join(out_dir, "model.keras")
