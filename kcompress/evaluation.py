@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import numpy as np
 
 from kcompress.errors import KcompressError
+from kcompress.internals import keras3_history_layer
 from kcompress.progress import progress
 
 if TYPE_CHECKING:  # the data module imports TensorFlow; report readers use the metrics here without it
@@ -78,10 +79,9 @@ def _output_layer(model):
             return layer
         outputs = getattr(layer, "outputs", None)
         if outputs:
-            history = getattr(outputs[0], "_keras_history", None)
-            if history is None:
+            layer = keras3_history_layer(outputs[0])  # the layer (Keras 3: or operation) that produced it
+            if layer is None:
                 return None
-            layer = history[0]  # (layer or operation, node_index, tensor_index)
         elif type(layer).__name__ == "Sequential" and layer.layers:  # not built yet: its last layer is the output
             layer = layer.layers[-1]
         else:  # a subclassed model: no graph to read

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 
 from kcompress.backend import keras, tf
 from kcompress.errors import KcompressError
+from kcompress.internals import is_graph_network, nodes_in_depth_order, tensor_usage_count
 
-__all__ = ["Nesting", "flatten_model", "is_nested", "nesting", "is_graph_model", "AUGMENTATION_LAYERS",
-           "augmentation_layers"]
+__all__ = ["Nesting", "flatten_model", "is_nested", "nesting", "is_graph_model", "model_nodes", "node_of",
+           "AUGMENTATION_LAYERS", "augmentation_layers"]
 
 L = keras.layers
 
@@ -65,7 +66,31 @@ class Nesting:
 
 def is_graph_model(model) -> bool:
     """Functional or Sequential (a graph of layers a stage can walk), not subclassed."""
-    return bool(getattr(model, "_is_graph_network", False)) or isinstance(model, keras.Sequential)
+    return is_graph_network(model) or isinstance(model, keras.Sequential)
+
+
+def model_nodes(model) -> set[int]:
+    """``id()`` of every node (one call of a layer) in a functional model's own graph, found from its outputs with
+    public API (``KerasTensor.node``, ``Node.parent_nodes``).
+
+    Gotcha: a layer's ``inbound_nodes`` also holds its calls in other graphs (a nested model's own graph, or the
+    model a flattened copy was made from), so "the layer's first node" is not always this model's.
+    """
+    todo = [t.node for t in model.outputs if t.node is not None]
+    seen: set[int] = set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        todo.extend(node.parent_nodes)
+    return seen
+
+
+def node_of(model, layer):
+    """The node of ``layer`` in ``model``'s own graph (its first there), or None."""
+    nodes = model_nodes(model)
+    return next((n for n in layer.inbound_nodes if id(n) in nodes), None)
 
 
 def is_nested(model) -> bool:
@@ -160,23 +185,23 @@ def flatten_model(model, *, with_nesting: bool = False):
         return use[id(layer)](*args, **kwargs)
 
     def run(m, inputs):
-        if not getattr(m, "_is_graph_network", False):  # a Sequential without a graph of its own
+        if not is_graph_network(m):  # a Sequential without a graph of its own
             x = inputs[0]
             for layer in m.layers:
                 x = call(layer, (x,), {})
             return [x]
         tensors: dict[str, list] = {}
+        usage = tensor_usage_count(m)
         for x, y in zip(m.inputs, inputs):
             key = str(id(x))
-            tensors[key] = [y] * m._tensor_usage_count[key]
-        for depth in sorted(m._nodes_by_depth.keys(), reverse=True):
-            for node in m._nodes_by_depth[depth]:
-                if node.is_input or any(t not in tensors for t in node.flat_input_ids):
-                    continue
-                args, kwargs = node.map_arguments(tensors)
-                outs = call(node.layer, args, kwargs)
-                for key, y in zip(node.flat_output_ids, tf.nest.flatten(outs)):
-                    tensors[key] = [y] * m._tensor_usage_count[key]
+            tensors[key] = [y] * usage[key]
+        for node in nodes_in_depth_order(m):
+            if node.is_input or any(t not in tensors for t in node.flat_input_ids):
+                continue
+            args, kwargs = node.map_arguments(tensors)
+            outs = call(node.layer, args, kwargs)
+            for key, y in zip(node.flat_output_ids, tf.nest.flatten(outs)):
+                tensors[key] = [y] * usage[key]
         return [tensors[str(id(x))].pop() for x in m.outputs]
 
     inputs = [L.Input(batch_shape=x.shape, dtype=x.dtype, name=x.name.split(":")[0]) for x in model.inputs]

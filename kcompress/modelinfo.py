@@ -23,6 +23,7 @@ import numpy as np
 
 from kcompress.backend import keras, tf
 from kcompress.errors import KcompressError
+from kcompress.internals import build_input_shape, is_graph_network, mha_parts, nodes_in_depth_order
 
 __all__ = ["input_shape", "num_classes", "count_params", "flat_layers", "layer_macs", "count_macs", "macs_by_layer"]
 
@@ -112,14 +113,19 @@ def _recorded_shapes(layer):
     """The shapes of the layer's first functional call, as Keras recorded them; else the shape it was built for.
 
     Layers inside a subclassed model have no recorded calls (Keras traces ``call`` in a scratch graph), only the
-    input shape they were built with (``_build_input_shape``, a tf_keras private attribute) and no output shape.
+    input shape they were built with (:func:`kcompress.internals.build_input_shape`) and no output shape.
     """
-    nodes = [n for n in getattr(layer, "_inbound_nodes", []) if not n.is_input]
+    nodes = [n for n in getattr(layer, "inbound_nodes", []) if not n.is_input]
     if nodes:
         return _call_shapes(layer, nodes[0].call_args, nodes[0].call_kwargs, nodes[0].outputs)
-    if isinstance(layer, keras.layers.MultiHeadAttention) and getattr(layer, "_query_shape", None) is not None:
-        return [_as_tuple(layer._query_shape), _as_tuple(layer._value_shape), _as_tuple(layer._key_shape)], None
-    built = getattr(layer, "_build_input_shape", None)
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        try:
+            shapes = mha_parts(layer)["shapes"]
+        except KcompressError:  # never built: its shapes are unknown
+            shapes = None
+        if shapes is not None:
+            return [_as_tuple(s) for s in shapes], None
+    built = build_input_shape(layer)
     if built is None:
         raise KcompressError(f"layer {layer.name!r} has never been called, so its input shape is unknown; "
                              "pass input_shape")
@@ -174,15 +180,14 @@ def _einsum_dense(layer, shape) -> tuple[int, tuple]:
 
 def _mha(layer, shapes) -> int:
     """Query, key and value projections, the query-key scores, the score-weighted values and the output projection."""
-    if not hasattr(layer, "_query_dense"):
-        raise KcompressError(f"layer {layer.name!r} is not built, so its projections are unknown")
+    parts = mha_parts(layer)
     q_shape, v_shape, k_shape = shapes
-    mq, q = _einsum_dense(layer._query_dense, q_shape)
-    mk, k = _einsum_dense(layer._key_dense, k_shape)
-    mv, v = _einsum_dense(layer._value_dense, v_shape)
-    ms, s = _einsum(layer._dot_product_equation, k, q)
-    mc, c = _einsum(layer._combine_equation, s, v)
-    mo, _ = _einsum(layer._output_dense.equation, c, tuple(layer._output_dense.kernel.shape))
+    mq, q = _einsum_dense(parts["query"], q_shape)
+    mk, k = _einsum_dense(parts["key"], k_shape)
+    mv, v = _einsum_dense(parts["value"], v_shape)
+    ms, s = _einsum(parts["dot_product_equation"], k, q)
+    mc, c = _einsum(parts["combine_equation"], s, v)
+    mo, _ = _einsum(parts["output"].equation, c, tuple(parts["output"].kernel.shape))
     return mq + mk + mv + ms + mc + mo
 
 
@@ -269,7 +274,7 @@ def layer_macs(layer, input_shape=None, output_shape=None) -> int:
 
 
 def _is_graph_network(model) -> bool:
-    return isinstance(model, keras.Model) and bool(getattr(model, "_is_graph_network", False))
+    return isinstance(model, keras.Model) and is_graph_network(model)
 
 
 def _stated_shapes(model, stated) -> list[tuple]:
@@ -294,30 +299,29 @@ def _stated_shapes(model, stated) -> list[tuple]:
 def _walk(model, inputs: list, rows: list, prefix: str) -> list:
     """Call each node of a functional ``model`` on traced tensors (sub-models recursively), recording MACs per call.
 
-    This is Keras's own node-by-depth order (``model._nodes_by_depth``, a private attribute of tf_keras' Functional).
+    This is Keras's own node-by-depth order (:func:`kcompress.internals.nodes_in_depth_order`).
     """
     env = {id(t): x for t, x in zip(model.inputs, inputs)}
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if node.is_input:
-                continue
-            layer = node.layer
-            if any(id(t) not in env for t in node.keras_inputs):
-                raise KcompressError(f"cannot trace {model.name!r}: layer {layer.name!r} takes a tensor from outside it")
-            args, kwargs = tf.nest.map_structure(lambda v: env.get(id(v), v), (node.call_args, node.call_kwargs))
-            if _is_graph_network(layer):
-                sub = args[0] if args else kwargs["inputs"]
-                flat = [sub[n] for n in layer.input_names] if isinstance(sub, dict) else tf.nest.flatten(sub)
-                outputs = _walk(layer, flat, rows, f"{prefix}{layer.name}/")
+    for node in nodes_in_depth_order(model):
+        if node.is_input:
+            continue
+        layer = node.layer
+        if any(id(t) not in env for t in node.keras_inputs):
+            raise KcompressError(f"cannot trace {model.name!r}: layer {layer.name!r} takes a tensor from outside it")
+        args, kwargs = tf.nest.map_structure(lambda v: env.get(id(v), v), (node.call_args, node.call_kwargs))
+        if _is_graph_network(layer):
+            sub = args[0] if args else kwargs["inputs"]
+            flat = [sub[n] for n in layer.input_names] if isinstance(sub, dict) else tf.nest.flatten(sub)
+            outputs = _walk(layer, flat, rows, f"{prefix}{layer.name}/")
+        else:
+            outputs = layer(*args, **kwargs)
+            if isinstance(layer, keras.Model):  # subclassed: what Keras recorded is all there is to see
+                rows.extend((f"{prefix}{layer.name}/{x.name}", x, layer_macs(x)) for x in flat_layers(layer))
             else:
-                outputs = layer(*args, **kwargs)
-                if isinstance(layer, keras.Model):  # subclassed: what Keras recorded is all there is to see
-                    rows.extend((f"{prefix}{layer.name}/{x.name}", x, layer_macs(x)) for x in flat_layers(layer))
-                else:
-                    in_shape, out_shape = _call_shapes(layer, args, kwargs, outputs)
-                    rows.append((prefix + layer.name, layer, layer_macs(layer, in_shape, out_shape)))
-            for kt, x in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
-                env[id(kt)] = x
+                in_shape, out_shape = _call_shapes(layer, args, kwargs, outputs)
+                rows.append((prefix + layer.name, layer, layer_macs(layer, in_shape, out_shape)))
+        for kt, x in zip(tf.nest.flatten(node.outputs), tf.nest.flatten(outputs)):
+            env[id(kt)] = x
     return [env[id(t)] for t in model.outputs]
 
 

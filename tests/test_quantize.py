@@ -223,3 +223,19 @@ def test_qat_leaves_average_pooling_to_the_converter(digits32_npz):
     tensors = it.get_tensor_details()
     pools = [op for op in it._get_ops_details() if op["op_name"] == "AVERAGE_POOL_2D"]
     assert pools and all(tensors[op["inputs"][0]]["dtype"] == np.int8 for op in pools)
+
+
+def test_qat_per_tensor_weights(trained, digits):
+    """``per_channel=False`` gives one weight scale per conv in the QAT file (tfmot's per-tensor config)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from kcompress.internals import ops_details
+
+    train, val = digits
+    res = qat(trained, train, val, QATOptions(epochs=1), QuantizeOptions(per_channel=False), bench=False, verbose=0,
+              log=lambda s: None)
+    interp = Interpreter(model_content=res.tflite)
+    scales = [len(interp.get_tensor_details()[int(op["inputs"][1])]["quantization_parameters"]["scales"])
+              for op in ops_details(interp) if op["op_name"] == "CONV_2D"]
+    assert scales and all(n == 1 for n in scales)
+    assert res.rows[2]["accuracy"] > 0.8

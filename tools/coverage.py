@@ -900,7 +900,8 @@ def main(argv=None) -> int:
                    help="also every member on the same code path (EfficientNetB1-B7, ResNet101, ...)")
     p.add_argument("--jobs", type=int, default=1, help="(family, variant) processes at once (default 1)")
     p.add_argument("--out", default=os.path.join(ROOT, "docs", "COVERAGE.md"), help="the Markdown matrix")
-    p.add_argument("--json", default=None, help="results, read to resume (default: WORKDIR/results.json)")
+    p.add_argument("--json", default=os.path.join(ROOT, "docs", "coverage.json"),
+                   help="results, kept in the repo beside --out; read to resume (default: docs/coverage.json)")
     p.add_argument("--workdir", default=os.path.join(ROOT, "build", "coverage"), help="data, Keras 3 files, logs")
     p.add_argument("--rerun", action="store_true", help="run (family, variant) already in the JSON again")
     p.add_argument("--doc-only", action="store_true", help="rewrite --out from --json without running anything")
@@ -909,7 +910,6 @@ def main(argv=None) -> int:
     p.add_argument("--variant", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.stages = _list(args.stages, STAGES, "stage")
-    args.json = args.json or os.path.join(args.workdir, "results.json")
     if args.one:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         rec = run_one(family(args.one), args.variant, args.stages, args.workdir, args.json, args.stage_timeout)

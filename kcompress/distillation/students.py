@@ -28,6 +28,7 @@ import copy
 
 from kcompress.backend import keras
 from kcompress.errors import KcompressError, UsageError
+from kcompress.internals import is_graph_network
 
 __all__ = ["derive_student", "outputs_probabilities", "scaled_layers"]
 
@@ -75,7 +76,7 @@ class _Groups:
 def _inbound_layers(layer, model) -> list:
     names = {id(x) for x in model.layers}
     found = []
-    for node in layer._inbound_nodes:
+    for node in layer.inbound_nodes:
         inbound = node.inbound_layers
         inbound = inbound if isinstance(inbound, (list, tuple)) else [inbound]
         for il in inbound:
@@ -168,7 +169,7 @@ def scaled_layers(model, follow: dict | None = None) -> dict[str, bool]:
 
 
 def _output_layers(model):
-    return [t._keras_history.layer for t in model.outputs]
+    return [t.node.layer for t in model.outputs]
 
 
 def derive_student(teacher, width: float, name: str | None = None, log=None):
@@ -178,7 +179,7 @@ def derive_student(teacher, width: float, name: str | None = None, log=None):
 
     if not 0 < width < 1:
         raise UsageError(f"--student-width must be between 0 and 1 (a fraction of the teacher's widths), got {width}")
-    if not isinstance(teacher, keras.Sequential) and not getattr(teacher, "_is_graph_network", False):
+    if not isinstance(teacher, keras.Sequential) and not is_graph_network(teacher):
         raise KcompressError(
             "--student-width needs a Sequential or functional teacher (a subclassed model has no architecture config); "
             "pass a student model with --student"
@@ -221,7 +222,7 @@ def derive_student(teacher, width: float, name: str | None = None, log=None):
             student = teacher.__class__.from_config(config)
     except Exception as e:  # noqa: BLE001 - from_config raises many types
         raise KcompressError(f"cannot build the width-{width:g} student from the teacher's config: {e}") from None
-    if getattr(student, "_is_graph_network", False) or student.built:
+    if is_graph_network(student) or student.built:
         return student
     student.build((None, *teacher.input_shape[1:]))
     return student

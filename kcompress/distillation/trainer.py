@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -71,9 +72,12 @@ def weights_bytes(model) -> int:
 # ----------------------------------------------------------------------------------------------------------- teacher
 
 
+_TEACHER_FNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # teacher -> its traced logits function
+
+
 def _teacher_fn(teacher):
     """One traced function per teacher (kept on the model, so repeated passes do not retrace)."""
-    run = getattr(teacher, "_kcompress_logits_fn", None)
+    run = _TEACHER_FNS.get(teacher)
     if run is None:
         probs = outputs_probabilities(teacher)
 
@@ -81,7 +85,7 @@ def _teacher_fn(teacher):
         def run(x):
             return as_logits(teacher(x, training=False), probs)
 
-        teacher._kcompress_logits_fn = run
+        _TEACHER_FNS[teacher] = run
     return run
 
 

@@ -44,6 +44,7 @@ import numpy as np
 
 from kcompress.backend import keras, keras3, tf
 from kcompress.errors import KcompressError
+from kcompress.internals import keras3_last_output
 from kcompress.keras3.rebuild import (
     MODEL_CLASSES,
     Side,
@@ -383,6 +384,4 @@ def _last_output(layer, side: Side):
     """The layer's output in its last call (the outer model's, for nested models)."""
     if side.pkg is keras:
         return layer.get_output_at(-1)
-    return layer._inbound_nodes[-1].outputs if len(layer._inbound_nodes[-1].outputs) > 1 else (
-        layer._inbound_nodes[-1].outputs[0]
-    )
+    return keras3_last_output(layer)

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from kcompress.internals import ops_details
 from kcompress.io import model_format
 
 __all__ = ["inspect_model", "tflite_output_kind"]
@@ -98,7 +99,7 @@ def tflite_output_kind(model: str | bytes) -> str:
     from kcompress.litert.interpreter import TFLiteModel
 
     interp = TFLiteModel(model, delegates=False).interpreter
-    producer = {int(t): op for op in interp._get_ops_details() for t in op["outputs"] if t >= 0}
+    producer = {int(t): op for op in ops_details(interp) for t in op["outputs"] if t >= 0}
     tensor = int(interp.get_output_details()[0]["index"])
     for _ in range(len(producer) + 1):
         op = producer.get(tensor)

@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 
 from kcompress.errors import KcompressError
+from kcompress.internals import ops_details
 
 __all__ = ["TFLiteModel", "tflite_ops", "tflite_tensors", "float_op_report", "delegation", "QUANT_TYPES"]
 
@@ -94,7 +95,7 @@ class TFLiteModel:
 
     def delegation(self) -> dict[str, Any]:
         """What executes the model, read from the interpreter's graph after allocation: see :func:`delegation`."""
-        return delegation(self.interpreter._get_ops_details())
+        return delegation(ops_details(self.interpreter))
 
     def _quantize_input(self, x: np.ndarray) -> np.ndarray:
         dtype = self.input["dtype"]
@@ -182,7 +183,7 @@ def tflite_ops(model: str | bytes) -> list[dict[str, Any]]:
     interp = TFLiteModel(model, delegates=False).interpreter
     tensors = {t["index"]: t for t in interp.get_tensor_details()}
     ops = []
-    for op in interp._get_ops_details():
+    for op in ops_details(interp):
         ins = [int(i) for i in op["inputs"] if i >= 0]
         outs = [int(i) for i in op["outputs"] if i >= 0]
         ops.append(

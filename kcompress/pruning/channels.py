@@ -33,7 +33,8 @@ import numpy as np
 
 from kcompress.backend import keras, tf
 from kcompress.errors import KcompressError
-from kcompress.graph import AUGMENTATION_LAYERS, flatten_model
+from kcompress.graph import AUGMENTATION_LAYERS, flatten_model, model_nodes
+from kcompress.internals import call_spec, is_graph_network
 from kcompress.modelinfo import macs_by_layer
 
 __all__ = ["ChannelGraph", "ELEMENTWISE_ACTIVATIONS"]
@@ -62,7 +63,7 @@ def _functional(model):
         if not model.built:
             raise KcompressError("the Sequential model is not built (it has no input shape)")
         return keras.Model(model.inputs, model.outputs, name=model.name)
-    if not getattr(model, "_is_graph_network", False):
+    if not is_graph_network(model):
         raise KcompressError("structured pruning needs a functional or Sequential model, not a subclassed one")
     return model
 
@@ -78,7 +79,10 @@ def _activation_barrier(fn) -> Optional[str]:
 
 
 def _is_keras_tensor(v) -> bool:
-    return hasattr(v, "_keras_history")
+    try:
+        return bool(keras.backend.is_keras_tensor(v))
+    except ValueError:  # not a tensor of any kind
+        return False
 
 
 _FIRST = "_CONSTANT_VALUE"  # how tf_keras serializes a constant first operand: [_FIRST, -1, value, {arguments}]
@@ -89,8 +93,9 @@ def _constants(layer, node, channels: int) -> tuple[list[str], Optional[str]]:
     :data:`_FIRST` for the first operand), or why the op is a barrier. Scalars and constants of size 1 along the
     channel axis need nothing."""
     args, kwargs = node.call_args, node.call_kwargs
-    first, args, kwargs = layer._call_spec.split_out_first_arg(args, kwargs)  # as tf_keras serializes the node
-    named = dict(zip(layer._call_spec.arg_names[1:], args))
+    spec = call_spec(layer)
+    first, args, kwargs = spec.split_out_first_arg(args, kwargs)  # as tf_keras serializes the node
+    named = dict(zip(spec.arg_names[1:], args))
     named.update(kwargs)
     operands = [(_FIRST, first)] + list(named.items())
     sliced = []
@@ -149,23 +154,22 @@ class ChannelGraph:
         model = self.model
         layouts: dict = {}
 
-        def key(kt):
-            h = kt._keras_history
-            return (h.layer.name, h.node_index, h.tensor_index)
+        def key(kt):  # Keras's own tensor identity (Node.flat_input_ids are str(id(tensor)))
+            return id(kt)
 
         def channels(kt) -> int:
             return int(kt.shape[-1]) if kt.shape.rank and kt.shape[-1] is not None else -1
 
+        own = model_nodes(model)
         for layer in model.layers:
-            nodes = [(i, n) for i, n in enumerate(layer._inbound_nodes)
-                     if f"{layer.name}_ib-{i}" in model._network_nodes]
-            for i, node in nodes:
+            nodes = [n for n in layer.inbound_nodes if id(n) in own]
+            for node in nodes:
                 ins = [kt for kt in tf.nest.flatten(node.keras_inputs)]
                 in_l = [layouts[key(kt)] for kt in ins if key(kt) in layouts]
                 outs = tf.nest.flatten(node.outputs)
                 out = self._layer_layout(layer, node, ins, in_l, outs, len(nodes), channels)
                 for j, kt in enumerate(outs):
-                    layouts[(layer.name, i, j)] = out if j == 0 else ((self._atom(channels(kt), "multi-output"),), 1)
+                    layouts[key(kt)] = out if j == 0 else ((self._atom(channels(kt), "multi-output"),), 1)
         for kt in model.outputs:
             self._freeze(layouts[key(kt)], "reaches the model output")
         self.frozen = {self.root(a): r for a, r in self.frozen.items()}

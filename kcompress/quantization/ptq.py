@@ -23,6 +23,7 @@ import numpy as np
 
 from kcompress.backend import tf
 from kcompress.errors import KcompressError, UsageError
+from kcompress.internals import disable_per_channel, ops_details, quant_interpreter
 from kcompress.litert.interpreter import TFLiteModel
 from kcompress.options import QuantizeOptions
 from kcompress.types import QuantMode
@@ -173,7 +174,7 @@ def _run(conv, options: QuantizeOptions, calibration) -> bytes:
     if mode in ("int8", "int16x8"):
         conv.representative_dataset = _representative(calibration)
         if not options.per_channel:
-            conv._experimental_disable_per_channel = True
+            disable_per_channel(conv)
     if mode == "int16x8":
         conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
     if mode == "int8":
@@ -210,10 +211,10 @@ def _denylist_nodes(debugger, layers: tuple[str, ...]) -> list[str]:
     The converter names op outputs after the Keras layer path (``model/conv2d/BiasAdd;...``); a layer owns an
     op when ``/<layer>/`` (or ``/<layer>;`` / a trailing ``/<layer>``) occurs in the op's output name.
     """
-    interp = debugger._quant_interpreter
+    interp = quant_interpreter(debugger)
     names = []
     pats = [re.compile(rf"(^|/){re.escape(layer)}(/|;|$)") for layer in layers]
-    for op in interp._get_ops_details():
+    for op in ops_details(interp):
         for idx in op["outputs"]:
             tname = interp.get_tensor_details()[idx]["name"] if idx >= 0 else ""
             if any(p.search(part) for p in pats for part in tname.split(";")):

@@ -38,6 +38,7 @@ import numpy as np
 from kcompress.backend import keras
 from kcompress.data import DataSource
 from kcompress.errors import UsageError
+from kcompress.graph import node_of
 from kcompress.options import QATOptions, QuantizeOptions, TrainOptions
 from kcompress.quantization.qat_graph import calibrate, layer_table, qat_model, tflite_weight_sparsity
 from kcompress.types import QuantMode
@@ -116,10 +117,8 @@ def int8_report(tflite: bytes, fp32_bytes: int, float_layers=()) -> dict[str, An
 def _output_in(model, layer):
     """The layer's output in ``model``'s own graph. Gotcha: ``layer.output`` is its FIRST call's output, which for
     layers shared with the model a nested model was flattened from (ConvNeXt) belongs to the other graph."""
-    for i, node in enumerate(layer._inbound_nodes):
-        if f"{layer.name}_ib-{i}" in model._network_nodes:
-            return node.outputs
-    return layer.output
+    node = node_of(model, layer)
+    return layer.output if node is None else node.outputs
 
 
 def diverging_layers(kmodel, tflite: bytes, x: np.ndarray, top: int = 5) -> list[dict]:

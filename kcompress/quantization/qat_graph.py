@@ -14,6 +14,7 @@ from kcompress.backend import keras, tf, tfmot
 from kcompress.data import DataSource
 from kcompress.errors import KcompressError, UsageError
 from kcompress.graph import flatten_model, is_nested  # noqa: F401 - re-exported: the project's one graph view
+from kcompress.internals import averaged_moving_quantize, default_8bit_config, ops_details, output_quantize_config
 
 __all__ = ["SPARSE_THRESHOLD", "flatten_model", "weight_sparsity", "tflite_weight_sparsity", "qat_model", "calibrate",
            "layer_table", "is_nested"]
@@ -47,7 +48,7 @@ def tflite_weight_sparsity(tflite: bytes) -> float:
 
     interp = Interpreter(model_content=bytes(tflite))
     zeros = total = 0
-    for op in interp._get_ops_details():
+    for op in ops_details(interp):
         if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED") or len(op["inputs"]) < 2:
             continue
         try:
@@ -60,11 +61,7 @@ def tflite_weight_sparsity(tflite: bytes) -> float:
 
 
 def _registry():
-    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
-        default_8bit_quantize_registry as reg,
-    )
-
-    return reg.Default8BitQuantizeRegistry()
+    return tfmot().quantization.keras.default_8bit.Default8BitQuantizeRegistry()
 
 
 def quantizable_layers(model) -> list[str]:
@@ -88,7 +85,7 @@ def _bn_after_conv(model, reg, float_layers) -> set[str]:
     for layer in model.layers:
         if not isinstance(layer, L.BatchNormalization) or layer.name in float_layers:
             continue
-        nodes = layer._inbound_nodes
+        nodes = layer.inbound_nodes
         if len(nodes) != 1:
             continue
         prev = tf.nest.flatten(nodes[0].inbound_layers)
@@ -106,14 +103,10 @@ def _bn_after_conv(model, reg, float_layers) -> set[str]:
 
 def _per_tensor_config(layer):
     """tfmot config with per-tensor weights for convs (the default 8-bit scheme is per-channel)."""
-    from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
-        default_8bit_quantize_configs as cfgs,
-    )
-
     if isinstance(layer, L.DepthwiseConv2D):
-        return cfgs.Default8BitQuantizeConfig(["depthwise_kernel"], ["activation"], False)
+        return default_8bit_config(["depthwise_kernel"], ["activation"], False)
     if isinstance(layer, L.Conv2D) and not isinstance(layer, L.Conv2DTranspose):
-        return cfgs.Default8BitQuantizeConfig(["kernel"], ["activation"], False)
+        return default_8bit_config(["kernel"], ["activation"], False)
     return None
 
 
@@ -159,7 +152,8 @@ def qat_model(
         if layer.name not in float_layers and not isinstance(layer, CONVERTER_QUANTIZED) and (
                 _supported(reg, layer) or layer.name in after_conv):
             annotated.append(layer.name)
-            config = None if per_channel else _per_tensor_config(layer)
+            config = None if per_channel else (
+                output_quantize_config() if layer.name in after_conv else _per_tensor_config(layer))
             return Q.quantize_annotate_layer(layer, quantize_config=config)
         left_float.append(layer.name)
         return layer
@@ -206,8 +200,6 @@ def calibrate(qmodel, data: DataSource, samples: int = 256, batch_size: Optional
     EMA decay is set to k/(k+1) for batch k; one batch of ``samples`` when the inputs are small), then every
     non-quantizer variable (BatchNorm statistics, ...) is restored.
     """
-    from tensorflow_model_optimization.python.core.quantization.keras import quantizers
-
     from kcompress.modelinfo import input_shape
 
     keep = []
@@ -217,20 +209,13 @@ def calibrate(qmodel, data: DataSource, samples: int = 256, batch_size: Optional
     saved = [(v, v.numpy()) for v in keep]
     if batch_size is None:  # one batch when it fits in memory: its min/max are the exact calibration ranges
         batch_size = int(min(samples, max(8, 2_000_000 // max(1, int(np.prod(input_shape(qmodel)))))))
-    original = quantizers.quant_ops.MovingAvgQuantize
     step = {"k": 0}
-
-    def averaged(*args, **kwargs):
-        kwargs["ema_decay"] = step["k"] / (step["k"] + 1.0)
-        return original(*args, **kwargs)
-
-    quantizers.quant_ops.MovingAvgQuantize = averaged
     try:
-        for x, _ in data.numpy_batches(input_shape(qmodel), batch_size=batch_size, limit=samples):
-            qmodel(tf.constant(x), training=True)
-            step["k"] += 1
+        with averaged_moving_quantize(lambda: step["k"] / (step["k"] + 1.0)):
+            for x, _ in data.numpy_batches(input_shape(qmodel), batch_size=batch_size, limit=samples):
+                qmodel(tf.constant(x), training=True)
+                step["k"] += 1
     finally:
-        quantizers.quant_ops.MovingAvgQuantize = original
         for v, value in saved:
             v.assign(value)
 
