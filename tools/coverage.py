@@ -17,9 +17,10 @@ built model, on real images (scikit-learn digits upsampled to the input size, 64
 one epoch). What each stage must show to pass is in :data:`CRITERIA`. These are smoke runs of one epoch on untrained
 models: accuracies are recorded, not judged (every ``max_drop`` is 100 points, the teacher check is off).
 
-Each (family, variant) runs in its own process (``--one``), so memory is given back and a crash or a hang becomes a
-recorded failure of the stage it happened in; the stages after it run in a fresh process. Per-stage wall seconds and
-peak resident memory (``VmHWM``, reset before each stage) are recorded. Results accumulate in ``--json``: a
+Each stage of each (family, variant) runs in its own process (``--one``), as a user's command would: its peak
+resident memory (``VmHWM``) is that stage's own (with the model and data it builds), not what earlier stages left
+behind, and a crash or a hang becomes a recorded failure of that stage only. Per-stage wall seconds (the stage
+alone, without the build) and peak memory are recorded. Results accumulate in ``--json``: a
 (family, variant) already there is skipped unless ``--rerun``, so a long run can be interrupted and resumed. The
 Markdown matrix (``--out``, default ``docs/COVERAGE.md``) is rewritten after every (family, variant).
 
@@ -676,29 +677,33 @@ def _spawn(fam: Family, variant: str, stages, args, tag: str) -> tuple[dict, Opt
 
 
 def run_family(fam: Family, variant: str, args) -> dict:
-    """Runs every stage of one (family, variant) in child processes: after a crash or a hang the stage is recorded
-    as failed and the remaining stages run in a fresh process."""
+    """Runs every stage of one (family, variant), each in its own child process (a crash or a hang fails that stage
+    only); a model that does not build fails every stage without trying the rest."""
     tag = f"{fam.app}-{variant}"
-    todo, merged = list(args.stages), None
-    while todo:
-        rec, died = _spawn(fam, variant, todo, args, tag)
+    merged = None
+    for stage in args.stages:
+        rec, died = _spawn(fam, variant, [stage], args, tag)
         if merged is None:
-            merged = {k: v for k, v in rec.items() if k not in ("running", "running_since", "pid")}
+            merged = {k: v for k, v in rec.items() if k not in ("running", "running_since", "pid", "stages")}
+            merged["stages"] = {}
+        merged["max_rss_mib"] = max(merged.get("max_rss_mib") or 0, rec.get("max_rss_mib") or 0)
+        if rec.get("build") and (merged.get("build") or {}).get("peak_mib", 0) < rec["build"].get("peak_mib", 0):
+            merged["build"] = rec["build"]
+        if stage in rec.get("stages", {}):
+            merged["stages"][stage] = rec["stages"][stage]
+            if not (rec.get("build") or {}).get("ok", True):  # the model did not build: neither will it next time
+                for s in args.stages:
+                    merged["stages"].setdefault(s, rec["stages"][stage])
+                break
+        elif died is not None and rec.get("running") == stage:
+            merged["stages"][stage] = {"ok": False, "reason": died,
+                                       "seconds": round(time.time() - rec.get("running_since", time.time()), 1)}
         else:
-            merged["stages"].update(rec.get("stages", {}))
-            merged["max_rss_mib"] = max(merged.get("max_rss_mib") or 0, rec.get("max_rss_mib") or 0)
-        done = [s for s in todo if s in rec.get("stages", {})]
-        if died is None:
+            why = died or (rec.get("build") or {}).get("reason") or "the child ended without a result"
+            merged.setdefault("build", {"ok": False, "reason": why})
+            for s in args.stages:
+                merged["stages"].setdefault(s, {"ok": False, "reason": f"not run: {why} while building"})
             break
-        where = rec.get("running")
-        if where == "build" or where not in todo:
-            merged.setdefault("build", {"ok": False, "reason": died})
-            for s in todo:
-                merged["stages"].setdefault(s, {"ok": False, "reason": f"not run: {died} while building"})
-            break
-        merged["stages"][where] = {"ok": False, "reason": died,
-                                   "seconds": round(time.time() - rec.get("running_since", time.time()), 1)}
-        todo = [s for s in todo if s not in done and s != where]
     merged["commit"] = commit()
     merged["date"] = datetime.datetime.now().isoformat(timespec="seconds")
     merged["stages"] = {s: merged["stages"][s] for s in STAGES if s in merged["stages"]}
@@ -802,7 +807,7 @@ def write_doc(results: dict, path: str, command: str, stages=STAGES) -> str:
         f"- Data: scikit-learn digits upsampled (nearest) to the input size, {SAMPLES} TRAIN and {SAMPLES} VAL samples "
         "(stratified, disjoint); models built offline with `weights=None` and 10 classes, untrained, one epoch per "
         "stage: accuracies are recorded, not judged.",
-        f"- Each (family, variant) runs in its own process; a stage may take {STAGE_TIMEOUT} s. Cells: `ok 12 s` (wall "
+        f"- Each stage runs in its own process (peak memory: that stage's own, with the model it builds); a stage may take {STAGE_TIMEOUT} s. Cells: `ok 12 s` (wall "
         "seconds of the stage) or `FAIL` with the reason (in full below each table). Peak memory: the largest "
         "resident set of any stage.",
         "",
