@@ -47,6 +47,7 @@ _LAZY: dict[str, str] = {
     "LRSchedule": "kcompress.types",
     "Target": "kcompress.types",
     "Delegate": "kcompress.types",
+    "Strategy": "kcompress.types",
     "RunConfig": "kcompress.pipeline.config",
     "load_config": "kcompress.pipeline.config",
     # techniques
@@ -60,6 +61,10 @@ _LAZY: dict[str, str] = {
     "DistillResult": "kcompress.distillation.trainer",
     "prune": "kcompress.pruning.api",
     "PruneResult": "kcompress.pruning.api",
+    # multi-device and multi-worker training
+    "distribute": "kcompress.distributed",
+    "is_chief": "kcompress.distributed",
+    "worker_path": "kcompress.distributed",
     # measuring
     "evaluate": "kcompress.evaluation",
     "Evaluation": "kcompress.evaluation",
@@ -76,6 +81,9 @@ _LAZY: dict[str, str] = {
     "report": "kcompress.pipeline.report",
     "recommend": "kcompress.pipeline.recommend",
     "demo": "kcompress.pipeline.demo",
+    "sweep": "kcompress.sweeps",
+    "SweepOptions": "kcompress.sweeps",
+    "SweepResult": "kcompress.sweeps",
     # errors
     "KcompressError": "kcompress.errors",
     "UsageError": "kcompress.errors",
@@ -88,6 +96,7 @@ _ALIASES = {
     "inspect": "inspect_model",
     "report": "write_report",
     "demo": "run_demo",
+    "distribute": "strategy",
 }
 
 __all__ = ["__version__", *_LAZY]

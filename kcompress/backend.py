@@ -5,13 +5,40 @@ every other module gets ``tf`` and ``keras`` (which is ``tf_keras``) from here. 
 reached through :func:`keras3` only, for reading users' Keras 3 models.
 """
 
+import contextlib
 import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silences file descriptor 2 while TensorFlow loads and finds its devices: its C++ start-up lines (oneDNN, CUDA
+    stubs, "before absl::InitializeLog()") ignore ``TF_CPP_MIN_LOG_LEVEL``, and a user error must stay one line.
+    ``TF_CPP_MIN_LOG_LEVEL=0`` keeps them. Python exceptions are unaffected (raised after the descriptor is back)."""
+    if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") in ("", "0"):
+        yield
+        return
+    try:
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # no stderr to silence
+        yield
+        return
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+with _quiet_native_stderr():
+    import tensorflow as tf  # noqa: E402
+    import tf_keras as keras  # noqa: E402
+
+    tf.config.list_physical_devices()  # device discovery logs its own lines (cuInit) on first use
 
 __all__ = ["tf", "keras", "tfmot", "keras3"]
 

@@ -249,6 +249,9 @@ def _open_folder(path: str) -> DataSource:
                      and d not in IGNORED_FOLDERS)
     if not classes:
         raise KcompressError(f"{path}: no class sub-folders (an image folder needs one sub-folder per class)")
+    if len(classes) == 1:
+        raise KcompressError(f"{path}: only one class sub-folder ({classes[0]}); an image folder needs one sub-folder "
+                             "per class, at least two")
     files, labels, skipped = [], [], 0
     for i, cls in enumerate(classes):
         for root, _, names in sorted(os.walk(os.path.join(path, cls))):
@@ -274,21 +277,11 @@ def _open_folder(path: str) -> DataSource:
 
 
 def _open_npz(path: str) -> DataSource:
-    try:
-        npz = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise KcompressError(f"{path}: not a readable .npz file ({e})") from None
-    missing = {"x", "y"} - set(npz.files)
-    if missing:
-        raise KcompressError(f"{path}: the .npz needs arrays 'x' and 'y' (found: {', '.join(npz.files) or 'none'})")
-    x, y = npz["x"], npz["y"]
-    if len(x) == 0:
-        raise KcompressError(f"{path}: the data set is empty")
-    if len(x) != len(y):
-        raise KcompressError(f"{path}: x has {len(x)} samples but y has {len(y)} labels")
-    y = _labels(y, path)
-    named = "class_names" in npz.files
-    names = [str(n) for n in np.ravel(npz["class_names"]).tolist()] if named else [str(i) for i in range(y.max() + 1)]
+    from kcompress.npzfile import read_npz
+
+    x, y, class_names = read_npz(path)  # allow_pickle=False; every check of the file itself
+    named = class_names is not None
+    names = class_names if named else [str(i) for i in range(int(y.max()) + 1)]
     if named and int(y.max()) >= len(names):
         raise KcompressError(f"{path}: label {int(y.max())} is out of range for its {len(names)} class_names "
                              f"(labels must be 0..{len(names) - 1})")
@@ -303,19 +296,6 @@ def _open_npz(path: str) -> DataSource:
         _arrays=x,
         explicit_classes=named,
     )
-
-
-def _labels(y: np.ndarray, where: str) -> np.ndarray:
-    if y.ndim == 2 and y.shape[1] > 1:
-        y = y.argmax(axis=1)
-    y = y.reshape(len(y))
-    if not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
-            raise KcompressError(f"{where}: labels must be integer class indices or one-hot rows")
-        y = y.astype(np.int64)
-    if y.min() < 0:
-        raise KcompressError(f"{where}: labels must be >= 0 (found {int(y.min())})")
-    return y.astype(np.int64)
 
 
 def _open_builtin(name: str) -> DataSource:
@@ -375,6 +355,12 @@ def check_fits(data: DataSource, input_shape: Sequence[Optional[int]], num_class
             )
     else:
         _image_hwc(input_shape)
+    channels = tuple(input_shape)[-1] if len(tuple(input_shape)) else None
+    for key in ("mean", "std"):  # per-channel values would broadcast into more channels, or fail mid-run
+        values = getattr(data.preprocess, key)
+        if len(values) > 1 and channels is not None and len(values) != channels:
+            raise UsageError(f"--{key} / data.{key} has {len(values)} values, but the model's input has "
+                             f"{channels} channels (give one value, or one per channel)")
     if data.explicit_classes and data.num_classes != num_classes:
         raise KcompressError(
             f"{data.name}: the data has {data.num_classes} classes but the model outputs {num_classes}"

@@ -113,8 +113,10 @@ class Predictor:
     output_kind: Optional[str] = None  # "probabilities" or "logits" (see output_kind); None: unknown
 
 
-def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = None) -> Predictor:
-    """A Predictor for a tf_keras model object, a Keras model path, or a ``.tflite`` path/bytes."""
+def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = None,
+              trust_model: bool = False) -> Predictor:
+    """A Predictor for a tf_keras model object, a Keras model path (loaded safely unless ``trust_model``), or a
+    ``.tflite`` path/bytes."""
     from kcompress.io import ensure_tf_keras, load_model, model_format
     from kcompress.litert.interpreter import TFLiteModel
     from kcompress.modelinfo import input_shape, num_classes
@@ -126,7 +128,8 @@ def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = 
         classes = int(m.output["shape"][-1])
         name = model_or_path if isinstance(model_or_path, str) else "<tflite>"
         return Predictor(name, "tflite", m.input_shape, classes, m.predict, output_kind(model_or_path))
-    model = load_model(model_or_path) if isinstance(model_or_path, str) else ensure_tf_keras(model_or_path)
+    model = (load_model(model_or_path, trust_model=trust_model) if isinstance(model_or_path, str)
+             else ensure_tf_keras(model_or_path))
     name = model_or_path if isinstance(model_or_path, str) else model.name
 
     from kcompress.backend import tf
@@ -220,19 +223,25 @@ def evaluate(
     batch_size: int = 64,
     limit: Optional[int] = None,
     description: str = "evaluating",
+    trust_model: bool = False,
 ) -> Evaluation:
     """Runs the model over ``data`` (all of it unless ``limit``) and computes the metrics.
 
     ``model_or_path``: a Keras model (tf_keras or Keras 3), a model path, or a ``.tflite`` path or bytes;
-    ``data``: an opened DataSource or a data spec (image folder, ``.npz``, built-in name).
+    ``data``: an opened DataSource or a data spec (image folder, ``.npz``, built-in name). ``trust_model``: load a
+    model file even with Lambda layers or unregistered classes (files you trust only).
     """
     from kcompress.data import DataSource
+    from kcompress.errors import UsageError
 
+    if int(batch_size) < 1 or (limit is not None and int(limit) < 1):
+        raise UsageError(f"batch size and limit must be at least 1, got {batch_size} and {limit}")
     if not isinstance(data, DataSource):
         from kcompress.inputs import as_data
 
         data = as_data(data)
-    pred = model_or_path if isinstance(model_or_path, Predictor) else predictor(model_or_path, batch_size)
+    pred = (model_or_path if isinstance(model_or_path, Predictor)
+            else predictor(model_or_path, batch_size, trust_model=trust_model))
     from kcompress.data import check_fits
 
     check_fits(data, pred.input_shape, pred.num_classes)

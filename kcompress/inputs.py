@@ -48,8 +48,10 @@ def is_tflite(model: Any) -> bool:
     return False
 
 
-def as_model(model: Any, stage: str = "this step") -> LoadedModel:
-    """A path (any format kcompress reads) or a Keras model object (tf_keras or Keras 3) -> :class:`LoadedModel`."""
+def as_model(model: Any, stage: str = "this step", trust_model: bool = False) -> LoadedModel:
+    """A path (any format kcompress reads) or a Keras model object (tf_keras or Keras 3) -> :class:`LoadedModel`.
+
+    A path is loaded safely unless ``trust_model`` (see :func:`kcompress.io.load_model`)."""
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, (bytes, bytearray)):
@@ -58,7 +60,7 @@ def as_model(model: Any, stage: str = "this step") -> LoadedModel:
         from kcompress.io import load_model, model_format
 
         path = str(model)
-        return LoadedModel(load_model(path, stage=stage), path, model_format(path))
+        return LoadedModel(load_model(path, stage=stage, trust_model=trust_model), path, model_format(path))
     from kcompress.keras3 import is_keras3_model, to_tf_keras
 
     if is_keras3_model(model):

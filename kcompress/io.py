@@ -2,20 +2,29 @@
 
 MODEL is a tf_keras model saved as a SavedModel directory, an ``.h5`` or a ``.keras`` file; Keras 3 files are
 recognised and rebuilt in tf_keras by :mod:`kcompress.keras3`. Every write goes to a temporary file beside the target
-and is renamed into place, so an interrupted write never leaves half a file behind.
+and is renamed into place, so an interrupted write never leaves half a file behind (:mod:`kcompress.atomic`).
+
+Loading is safe by default: a file whose stored architecture has a ``Lambda`` layer or an unregistered custom class
+is refused before tf_keras reads it (:mod:`kcompress.safety`), unless ``trust_model=True``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import shutil
 import tempfile
 import zipfile
-from typing import Optional
+from typing import Iterator, Optional
 
+from kcompress.atomic import atomic_path, atomic_write_bytes, atomic_write_text, check_output_path
 from kcompress.errors import KcompressError
 
-__all__ = ["path_size", "check_output_path", "atomic_write_bytes", "write_json", "model_format", "load_model", "ensure_tf_keras", "save_model", "saved_model_size"]
+__all__ = ["path_size", "check_output_path", "atomic_path", "atomic_write_bytes", "atomic_write_text", "write_json",
+           "model_format", "load_model", "trusting_models", "ensure_tf_keras", "save_model", "saved_model_size"]
+
+_TRUST_MODELS = contextvars.ContextVar("kcompress_trust_models", default=False)
 
 
 def path_size(path: str) -> int:
@@ -23,30 +32,6 @@ def path_size(path: str) -> int:
     if os.path.isdir(path):
         return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
     return os.path.getsize(path)
-
-
-def check_output_path(path: str, overwrite: bool) -> None:
-    """Refuses an existing output unless ``overwrite``; the message names the flag."""
-    if os.path.exists(path) and not overwrite:
-        raise KcompressError(f"{path} exists; pass --overwrite to replace it")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise KcompressError(f"cannot write {path}: folder {parent} does not exist")
-
-
-def atomic_write_bytes(path: str, data: bytes, overwrite: bool = False) -> None:
-    """Writes ``data`` to a temp file beside ``path`` and renames it into place."""
-    check_output_path(path, overwrite)
-    parent = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".kcompress-", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_json(path: str, obj, overwrite: bool = False) -> None:
@@ -81,13 +66,31 @@ def model_format(path: str) -> str:
     raise KcompressError(f"{path}: not a model (expected a SavedModel folder, .h5, .keras or .tflite)")
 
 
-def load_model(path: str, compile: bool = False, stage: str = "this step"):
+@contextlib.contextmanager
+def trusting_models(trust: bool = True) -> Iterator[None]:
+    """Within the block, :func:`load_model` trusts model files as if ``trust_model=True`` were passed (how the CLI's
+    ``--trust-model`` reaches every load of a command; an explicit ``trust_model=True`` needs no block)."""
+    token = _TRUST_MODELS.set(bool(trust) or _TRUST_MODELS.get())
+    try:
+        yield
+    finally:
+        _TRUST_MODELS.reset(token)
+
+
+def load_model(path: str, compile: bool = False, stage: str = "this step", trust_model: bool = False):
     """A tf_keras model from any supported format.
+
+    Safe by default: the stored architecture is read as data first and a ``Lambda`` layer (whose Python bytecode
+    tf_keras would run while loading a ``.h5`` or SavedModel) or a class that neither tf_keras nor the user registered
+    is refused with one line naming the layer (:mod:`kcompress.safety`); ``.keras`` files are also loaded with
+    ``safe_mode=True``. ``trust_model=True`` (or a :func:`trusting_models` block) loads them anyway: only for files
+    from a source you trust.
 
     Keras 3 files are rebuilt in tf_keras and verified (outputs within 1e-5) by :mod:`kcompress.keras3`. An
     inference-only export (Keras 3 ``model.export()``) has no layers to train: it is refused with a message naming
     ``stage``; :func:`kcompress.convert.convert` takes its path for post-training quantization instead.
     """
+    trust = bool(trust_model) or _TRUST_MODELS.get()
     fmt = model_format(path)
     if fmt == "tflite":
         raise KcompressError(f"{path}: a .tflite file, but {stage} needs a Keras model")
@@ -98,13 +101,18 @@ def load_model(path: str, compile: bool = False, stage: str = "this step"):
     if fmt == "keras3":
         from kcompress import keras3 as bridge
 
-        return bridge.to_tf_keras(bridge.load_keras3(path))
+        return bridge.to_tf_keras(bridge.load_keras3(path, safe_mode=not trust))
+    if not trust:
+        from kcompress.safety import check_model_file
+
+        check_model_file(path, fmt)
     from kcompress.backend import keras
 
+    kwargs = {"safe_mode": not trust} if fmt == "keras" else {}
     try:
-        model = keras.models.load_model(path, compile=compile)
+        model = keras.models.load_model(path, compile=compile, **kwargs)
     except Exception as e:  # tf_keras raises many types for unreadable files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = " ".join(str(e).split()) if str(e) else type(e).__name__
         raise KcompressError(f"{path}: cannot load the model ({msg[:300]})") from None
     if not isinstance(model, keras.Model):
         raise KcompressError(
@@ -122,7 +130,8 @@ def ensure_tf_keras(model):
 
 
 def save_model(model, path: str, overwrite: bool = False, keras3: bool = False) -> None:
-    """Saves by extension (``.keras``, ``.h5``, else a SavedModel folder) via a temp path and a rename.
+    """Saves by extension (``.keras``, ``.h5``, else a SavedModel folder) with the atomic writer: a kill at any
+    point leaves the old model (file or folder) loadable at ``path``.
 
     ``keras3=True`` writes a Keras 3 ``.keras`` file (rebuilt from the tf_keras model and verified), so users who
     came with Keras 3 get Keras 3 back.
@@ -135,20 +144,11 @@ def save_model(model, path: str, overwrite: bool = False, keras3: bool = False) 
             raise KcompressError(f"{path}: Keras 3 models are written as .keras files")
         save_keras3(model, path)
         return
-    parent = os.path.dirname(os.path.abspath(path))
-    tmpdir = tempfile.mkdtemp(prefix=".kcompress-", dir=parent)
-    try:
-        base = os.path.basename(path.rstrip("/"))
-        tmp = os.path.join(tmpdir, base)
+    with atomic_path(path, overwrite=overwrite) as tmp:
         if path.endswith((".keras", ".h5")):
             model.save(tmp)
         else:
             model.save(tmp, save_format="tf")
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
 
 
 def saved_model_size(model) -> Optional[int]:

@@ -54,10 +54,12 @@ def parse_float_tuple(value: Any) -> tuple[float, ...]:
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
     try:
         out = tuple(number(v) for v in items)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"expected a number, a fraction or comma-separated numbers, got {value!r}") from None
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise ValueError(f"expected a number, a fraction or comma-separated numbers, got {value!r:.80}") from None
     if not out:
         raise ValueError("expected at least one number")
+    if any(math.isnan(v) for v in out):
+        raise ValueError(f"expected numbers, got nan in {value!r:.80}")
     return out
 
 
@@ -209,12 +211,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):
             try:
-                return parse_float_tuple(value)[0]
+                value = parse_float_tuple(value)[0]
             except ValueError as e:
                 raise OptionError(key, str(e)) from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise OptionError(key, f"expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float's range
+            raise OptionError(key, f"expected a number, got one too large ({str(value)[:12]}...)") from None
+        if math.isnan(number):
+            raise OptionError(key, "expected a number, got nan")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise OptionError(key, f"expected a whole number, got {value!r}")

@@ -48,6 +48,7 @@ from kcompress.types import (
     PruneSchedule,
     QATPolicy,
     QuantMode,
+    Strategy,
 )
 
 __all__ = [
@@ -125,6 +126,12 @@ class TrainOptions(Options):
     Adam 1e-3 98.1%), and its best rate moved from stage to stage; so Adam at a constant rate stays the default.
     Adam with cosine was below Adam constant everywhere on digits; SGD cosine vs constant was mixed (distill 0.02:
     99.0% vs 98.8%; digits_cnn 5 epochs 0.02: 98.1% vs 98.4%), cosine is kept for sgd as in the usual recipe.
+
+    ``strategy`` chooses the ``tf.distribute`` strategy of every stage (:mod:`kcompress.distributed`). Under a
+    strategy of N replicas (GPUs, or workers of a ``TF_CONFIG`` cluster) each stage's ``batch_size`` is the GLOBAL
+    batch, split across the replicas (``batch_size / N`` each per step), and the learning rate is NOT scaled:
+    when you grow the batch with the replicas, scale ``lr`` yourself (linearly is the usual start, with
+    ``warmup_epochs``).
     """
 
     augment: tuple[str, ...] = opt(("auto",), "augmentation of TRAIN batches, on the fly: flip, crop:PAD (reflect-pad "
@@ -139,6 +146,10 @@ class TrainOptions(Options):
                                                  "step) or constant (empty: cosine for sgd, as the usual SGD recipe; "
                                                  "constant for adam and adamw, which beat cosine on digits)")
     warmup_epochs: float = opt(0.0, "linear learning-rate warm-up from 0 over this many epochs, then the schedule")
+    strategy: Strategy = opt(Strategy.AUTO, "tf.distribute strategy of every training stage: auto "
+                                            "(multi_worker when TF_CONFIG names a cluster, mirrored with 2+ GPUs, "
+                                            "else one device), none, mirrored or multi_worker; batch_size is "
+                                            "the global batch, lr is not scaled")
 
     def _check(self) -> None:
         try:

@@ -1,9 +1,11 @@
 """The shared fit loop: compile, train with a progress bar (Keras's own), keep the best epoch on VAL.
 
-Training stages call :func:`fit`; it runs under the default ``tf.distribute`` strategy, or MirroredStrategy when
-more than one GPU is visible (the model must then be built inside ``strategy_scope()``). The optimizer, learning-rate
-schedule and augmentation come from the ``train`` section (:class:`~kcompress.options.TrainOptions`) through
-:func:`kcompress.recipe.recipe`, as in every other training stage.
+Training stages call :func:`fit`; it trains under the ``tf.distribute`` strategy of ``train.strategy``
+(:func:`strategy`, see :mod:`kcompress.distributed`: one device by default, MirroredStrategy with several GPUs,
+MultiWorkerMirroredStrategy when ``TF_CONFIG`` names a cluster). A model built outside that strategy's scope is
+copied into it with its weights, trained there, and its weights copied back, so ``fit`` still trains in place. The
+optimizer, learning-rate schedule and augmentation come from the ``train`` section
+(:class:`~kcompress.options.TrainOptions`) through :func:`kcompress.recipe.recipe`, as in every other training stage.
 """
 
 from __future__ import annotations
@@ -13,15 +15,36 @@ from typing import Callable, Optional
 
 from kcompress.backend import keras, tf
 from kcompress.data import DataSource
+from kcompress.distributed import describe, shard_by_data, strategy
+from kcompress.errors import UsageError
 from kcompress.modelinfo import input_shape
 from kcompress.options import TrainOptions
 
-__all__ = ["fit", "strategy", "compile_classifier", "steps_per_epoch"]
+__all__ = ["fit", "strategy", "in_scope", "copy_into_scope", "compile_classifier", "steps_per_epoch"]
 
 
-def strategy():
-    gpus = tf.config.list_logical_devices("GPU")
-    return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+def in_scope(model, strat) -> bool:
+    """Whether ``model``'s variables were created under ``strat`` (so it can be trained under it)."""
+    return all(strat.extended.variable_created_in_scope(w) for w in model.weights)
+
+
+def copy_into_scope(model, strat):
+    """``model`` itself when it can train under ``strat``; else a copy (same architecture, same weights: tfmot's
+    pruning masks and quantizer ranges included) built in ``strat``'s scope. The model's own layer classes (and
+    those inside tfmot's wrappers) are used, so unregistered custom layers copy too."""
+    if in_scope(model, strat):
+        return model
+    from kcompress.backend import tfmot
+
+    classes = {}
+    for layer in model.layers:
+        for cls in (type(layer), type(getattr(layer, "layer", None))):
+            classes.setdefault(cls.__name__, cls)
+    tq, ts = tfmot().quantization.keras, tfmot().sparsity.keras
+    with strat.scope(), keras.utils.custom_object_scope(classes), tq.quantize_scope(), ts.prune_scope():
+        copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+    return copy
 
 
 def compile_classifier(model, lr: float = 1e-3, optimizer=None, loss=None) -> None:
@@ -32,11 +55,13 @@ def compile_classifier(model, lr: float = 1e-3, optimizer=None, loss=None) -> No
     if loss is None:
         from_logits = output_kind(model) != PROBABILITIES  # read from the layer producing the output
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
-    model.compile(
-        optimizer=optimizer if optimizer is not None else keras.optimizers.Adam(lr),
-        loss=loss,
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
+    strat = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    with strat.scope():  # optimizer and metric in the model's strategy, as Keras requires
+        model.compile(
+            optimizer=optimizer if optimizer is not None else keras.optimizers.Adam(lr),
+            loss=loss,
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
 
 
 def steps_per_epoch(data: DataSource, batch_size: int) -> int:
@@ -59,6 +84,7 @@ def fit(
     train_options: Optional[TrainOptions] = None,
     loss=None,
     log: Optional[Callable[[str], None]] = None,
+    initial_epoch: int = 0,
 ):
     """Trains in place and returns the Keras History. The best epoch's weights by VAL accuracy are restored.
 
@@ -70,23 +96,38 @@ def fit(
     alone (a ``.h5`` file cannot hold the schedule).
 
     ``recalibrate_bn``: BatchNorm moving statistics are re-estimated on training data before every validation pass
-    (and at the end without VAL), so VAL sees the weights as trained (see :mod:`kcompress.batchnorm`)."""
+    (and at the end without VAL), so VAL sees the weights as trained (see :mod:`kcompress.batchnorm`).
+
+    ``initial_epoch``: continue a run at this epoch (0-based; :func:`kcompress.checkpoint.fit_resumable` restores the
+    weights and optimizer first); the shuffled order and augmentation of each epoch are an uninterrupted run's.
+
+    Strategy (``train_options.strategy``): ``batch_size`` is the global batch, split across the replicas; ``lr`` is
+    not scaled. A model built outside the strategy's scope is trained as a copy inside it (callbacks see the copy)
+    and its weights are copied back; with ``compile=False`` that copy would lose the caller's compilation, so it is
+    refused: build the model in ``strategy(...).scope()``."""
     from kcompress.augment import augment_batches
     from kcompress.batchnorm import RecalibrateBatchNorm, recalibrate_batchnorm
     from kcompress.recipe import recipe
 
+    strat = strategy(train_options.strategy if train_options is not None else None)
+    if not compile and not in_scope(model, strat):
+        raise UsageError("fit(compile=False) under a tf.distribute strategy needs the model built in its scope "
+                         "(kcompress.distribute(...).scope())")
     keras.utils.set_random_seed(seed)
     shape = input_shape(model)
     rec = recipe(train_options, lr, epochs, steps_per_epoch(train, batch_size), train, shape)
     if log is not None:
-        log(f"training {epochs} epoch(s): {rec.describe() if compile else 'augment ' + rec.augment_text}")
+        log(f"training {epochs} epoch(s): {rec.describe() if compile else 'augment ' + rec.augment_text}"
+            f"{describe(strat, batch_size)}")
+    given, model = model, copy_into_scope(model, strat)
     if compile:
-        compile_classifier(model, lr, optimizer=rec.make_optimizer(), loss=loss)
+        with strat.scope():
+            compile_classifier(model, lr, optimizer=rec.make_optimizer(), loss=loss)
     train_ds = train.dataset(shape, batch_size=batch_size, shuffle=True, seed=seed, repeat=False)
     # reshuffle each epoch: a fresh order per epoch from tf.data's own shuffle on top of the seeded order
     train_ds = train_ds.unbatch().shuffle(4096, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    train_ds = augment_batches(train_ds, rec.augmenter(), seed).prefetch(tf.data.AUTOTUNE)
-    val_ds = val.dataset(shape, batch_size=256) if val is not None else None
+    train_ds = shard_by_data(augment_batches(train_ds, rec.augmenter(), seed).prefetch(tf.data.AUTOTUNE))
+    val_ds = shard_by_data(val.dataset(shape, batch_size=256)) if val is not None else None
     cbs = list(callbacks)
     if recalibrate_bn and val is not None:
         cbs.insert(0, RecalibrateBatchNorm(train, seed=seed))
@@ -98,9 +139,17 @@ def fit(
         )
     if verbose is None:
         verbose = 1 if sys.stderr.isatty() else 2
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, callbacks=cbs)
+    for _ in range(initial_epoch):  # each new iterator draws the next epoch's shuffle and augmentation seeds
+        iter(train_ds)
+    with strat.scope():
+        history = model.fit(train_ds, validation_data=val_ds, epochs=epochs, verbose=verbose, callbacks=cbs,
+                            initial_epoch=initial_epoch)
+    trained_loss = model.loss
+    if model is not given:  # trained as a copy inside the strategy's scope
+        given.set_weights(model.get_weights())
+        model = given
     if recalibrate_bn and val is None:
         recalibrate_batchnorm(model, train, seed=seed)
     if compile:  # kcompress's optimizer and schedule classes stay out of saved files
-        compile_classifier(model, lr, loss=model.loss)
+        compile_classifier(model, lr, loss=trained_loss)
     return history

@@ -20,6 +20,7 @@ __all__ = [
     "CacheTeacher",
     "Optimizer",
     "LRSchedule",
+    "Strategy",
     "Target",
     "Architecture",
     "Delegate",
@@ -112,6 +113,15 @@ class LRSchedule(StrEnum):
 
     COSINE = "cosine"  # half a cosine from the stage's rate to 0 at its last step
     CONSTANT = "constant"
+
+
+class Strategy(StrEnum):
+    """The ``tf.distribute`` strategy of every training stage (see :mod:`kcompress.distributed`)."""
+
+    AUTO = "auto"  # multi_worker when TF_CONFIG names a cluster of several tasks, mirrored with 2+ GPUs, else none
+    NONE = "none"  # TensorFlow's default strategy: one device
+    MIRRORED = "mirrored"  # MirroredStrategy over this machine's GPUs (at least 2)
+    MULTI_WORKER = "multi_worker"  # MultiWorkerMirroredStrategy over the cluster in TF_CONFIG
 
 
 class Target(StrEnum):

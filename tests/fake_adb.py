@@ -109,7 +109,8 @@ def run_benchmark(words: list[str], config: dict) -> int:
     flags = flags_of(words)
     mode = config.get("bench_mode", "ok")
     exe = next(w for w in words if w.endswith("benchmark_model"))
-    binary = fs("/data/local/tmp/kcompress/benchmark_model") if exe.startswith("./") else fs(exe)
+    cwd = words[words.index("cd") + 1] if "cd" in words else "/data/local/tmp/kcompress"
+    binary = fs(f"{cwd}/{exe[2:]}") if exe.startswith("./") else fs(exe)
     if not os.path.isfile(binary):
         return 127
     if not os.path.isfile(fs(flags.get("graph", "/missing"))):

@@ -45,12 +45,15 @@ def _parse(args):
 
     from kcompress.cli import main
 
-    with main.make_context("kcompress", list(args), resilient_parsing=False) as ctx:
-        name, cmd, rest = main.resolve_command(ctx, ctx.protected_args + ctx.args)
-        if isinstance(cmd, click.Group):
-            sub_ctx = cmd.make_context(name, rest, parent=ctx)
-            _, cmd, rest = cmd.resolve_command(sub_ctx, sub_ctx.protected_args + sub_ctx.args)
-        cmd.make_context(name, rest, parent=ctx)
+    words = [w for w in args if w != "--debug"]  # the group's own flag
+    ctx = click.Context(main, info_name="kcompress")
+    group, name, rest = main, words[0], words[1:]
+    cmd = group.resolve_command(ctx, [name, *rest])[1]
+    while isinstance(cmd, click.Group):  # `kcompress device bench ...`
+        ctx = click.Context(cmd, info_name=name, parent=ctx)
+        name, rest = rest[0], rest[1:]
+        cmd = cmd.resolve_command(ctx, [name, *rest])[1]
+    cmd.make_context(name, list(rest), parent=ctx)
 
 
 def test_a_wrong_example_would_fail_to_parse():

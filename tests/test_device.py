@@ -532,3 +532,49 @@ def test_top_level_help_lists_device_and_device_tools_do_not_import_tensorflow()
     code = ("import sys, kcompress.cli, kcompress.cli.device, kcompress.bench.android, kcompress.bench.logparse;"
             "assert 'tensorflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+# ---------------------------------------------------------------- the device work folder and shell quoting
+
+
+@pytest.mark.parametrize("work_dir", ["/data/local/tmp/", "/data/local/tmp/x;reboot", "x;reboot", "..",
+                                      "/data/local/tmp/..", "/data/local/tmp/a/b", "/sdcard/kc", "a b", "$(reboot)"])
+def test_bench_work_dir_must_be_one_plain_folder_under_data_local_tmp(fake_adb, files, work_dir):
+    keep = fake_adb.device_path("/data/local/tmp/other/keep.txt")
+    keep.parent.mkdir(parents=True)
+    keep.write_text("someone else's file")
+    result = invoke(*bench_args(fake_adb, files, "--work-dir", work_dir))
+    assert_one_line_error(result, 2, "plain folder name under /data/local/tmp")
+    assert keep.exists()
+    assert not any("reboot" in " ".join(c) for c in fake_adb.commands())
+    assert not any(s.startswith("rm") for s in fake_adb.shell_commands())
+    with pytest.raises(UsageError, match="plain folder name"):
+        dev.DeviceBenchConfig(work_dir=work_dir)
+
+
+@pytest.mark.parametrize("work_dir", ["scratch", "/data/local/tmp/scratch", "/data/local/tmp/scratch/"])
+def test_bench_work_dir_as_a_name_or_a_full_path(fake_adb, files, work_dir):
+    result = invoke(*bench_args(fake_adb, files, "--threads", "1", "--work-dir", work_dir))
+    assert result.exit_code == 0, result.output
+    shell = fake_adb.shell_commands()
+    assert shell[-1] == "rm -rf /data/local/tmp/scratch"
+    assert any("--graph=/data/local/tmp/scratch/m1.tflite" in s for s in shell)
+    assert not fake_adb.device_path("/data/local/tmp/scratch").exists()
+
+
+def test_model_names_with_spaces_and_quotes_reach_the_device_safely(fake_adb, files):
+    import shlex
+
+    odd = files / "my model's \"best\".tflite"
+    odd.write_bytes(b"TFL3" + b"\x00" * 100)
+    for extra in ([], ["--apk"]):
+        result = invoke("device", "bench", odd, "--adb", fake_adb.path, "--benchmark-binary",
+                        files / "benchmark_model", "--threads", "1", "--cooldown", "0", "--json", *extra)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["results"][0]["model"] == odd.name
+    pushes = [c[3:] for c in fake_adb.commands() if c[2:3] == ["push"]]
+    assert [str(odd), f"{WORK}/my_model_s__best_.tflite"] in pushes  # the local path as one argument, no shell
+    for command in fake_adb.shell_commands():
+        words = shlex.split(command)  # every command the device shell gets parses
+        paths = [w for word in words for w in word.split(" ") if w.startswith(("--graph=", WORK))]  # APK: one arg
+        assert not any("'" in w or '"' in w for w in paths), command

@@ -11,7 +11,8 @@ Gotchas:
   frequency ("big" = every core faster than the slowest cluster); the mask is recorded in each result's ``extra``.
 - ``min_secs``/``warmup_min_secs`` are set to 0 so benchmark_model does exactly ``runs`` and ``warmup`` runs.
 - The first failing combination stops the benchmark (after cleaning the device); nothing partial is returned.
-- The work directory on the device is deleted at the end, also after a failure.
+- The work directory on the device is deleted at the end, also after a failure. It is always one plain folder
+  under ``/data/local/tmp`` (:func:`work_dir_path`), and every path sent to the device shell is ``shlex.quote``-d.
 Imports no TensorFlow.
 """
 
@@ -53,10 +54,13 @@ __all__ = [
     "binary_abi",
     "benchmark_flags",
     "bench_on_device",
+    "work_dir_path",
 ]
 
 DELEGATES = Delegate.values()
 WORK_DIR = "/data/local/tmp/kcompress"
+_WORK_ROOT = "/data/local/tmp"
+_WORK_NAME = re.compile(r"[A-Za-z0-9._-]+")
 APK_PACKAGE = "org.tensorflow.lite.benchmark"
 APK_ACTIVITY = f"{APK_PACKAGE}/.BenchmarkModelActivity"
 
@@ -362,8 +366,20 @@ class DeviceBenchConfig:
             raise UsageError("threads must be positive integers, e.g. --threads 1,4")
         if self.runs < 1 or self.warmup < 0 or self.cooldown_s < 0 or self.timeout_s <= 0:
             raise UsageError("--runs must be >= 1, --warmup and --cooldown >= 0")
-        if not self.work_dir.startswith("/data/local/tmp/"):
-            raise UsageError("work_dir must be under /data/local/tmp/ (the only place adb can write and run)")
+        object.__setattr__(self, "work_dir", work_dir_path(self.work_dir))
+
+
+def work_dir_path(value: str) -> str:
+    """``NAME`` or ``/data/local/tmp/NAME`` -> ``/data/local/tmp/NAME``, for one plain folder name of letters, digits,
+    ``.``, ``_`` and ``-`` (not ``.`` or ``..``); anything else is a UsageError. The folder is emptied before and
+    removed after a run, so it must never be ``/data/local/tmp`` itself, a path outside it, or shell syntax."""
+    text = str(value)
+    name = text[len(_WORK_ROOT) + 1:] if text.startswith(_WORK_ROOT + "/") else text
+    name = name[:-1] if name.endswith("/") else name
+    if not _WORK_NAME.fullmatch(name) or name in (".", ".."):
+        raise UsageError(f"work dir {text!r}: give one plain folder name under {_WORK_ROOT} (letters, digits, . _ -), "
+                         f"e.g. kcompress or {WORK_DIR}; it is emptied and removed")
+    return f"{_WORK_ROOT}/{name}"
 
 
 def benchmark_flags(graph: str, threads: int, delegate: str, config: DeviceBenchConfig) -> list[str]:
@@ -427,13 +443,15 @@ def bench_on_device(
     if bin_abi and device.abilist and bin_abi not in device.abilist:
         raise UsageError(f"{benchmark_binary} is built for {bin_abi} but {device.serial} runs "
                          f"{', '.join(device.abilist)}: download the {device.abi} benchmark_model")
-    if config.apk and APK_PACKAGE not in dev.shell(f"pm list packages {APK_PACKAGE}", check=False).stdout:
+    if config.apk and APK_PACKAGE not in dev.shell(f"pm list packages {shlex.quote(APK_PACKAGE)}",
+                                                    check=False).stdout:
         raise AdbError(f"the benchmark APK ({APK_PACKAGE}) is not installed on {device.serial}: "
                        "adb install -r -d -g android_aarch64_benchmark_model.apk (see android_bench/README.md)")
     log(f"Device {device.serial}: {device.manufacturer or ''} {device.model or ''} ({device.abi}, "
         f"Android {device.android_version})")
 
-    work = config.work_dir.rstrip("/")
+    work = work_dir_path(config.work_dir)
+    q = shlex.quote
     freqs = cpu_max_freqs(dev)
     big = big_cores(freqs)
     mask = None
@@ -444,18 +462,18 @@ def bench_on_device(
               "big_cores": list(big)}
 
     results: list[BenchResult] = []
-    dev.shell(f"rm -rf {work} && mkdir -p {work}")
+    dev.shell(f"rm -rf {q(work)} && mkdir -p {q(work)}")
     try:
         if not config.apk:
             log(f"Pushing {os.path.basename(benchmark_binary)} to {work}/")
             dev.push(benchmark_binary, f"{work}/benchmark_model")
-            dev.shell(f"chmod 755 {work}/benchmark_model")
+            dev.shell(f"chmod 755 {q(work + '/benchmark_model')}")
         remote = [f"{work}/{n}" for n in _remote_names(models)]
         for local, path in zip(models, remote):
             log(f"Pushing {local} to {path}")
             dev.push(local, path)
             if config.apk:
-                dev.shell(f"chmod 644 {path}")
+                dev.shell(f"chmod 644 {q(path)}")
         combos = [(i, d, t) for i in range(len(models)) for d in config.delegates for t in config.threads]
         with tempfile.TemporaryDirectory(prefix="kcompress-device-") as tmp:
             for n, (i, delegate, threads) in enumerate(combos):
@@ -489,7 +507,7 @@ def bench_on_device(
                 ))
     finally:
         try:
-            dev.shell(f"rm -rf {work}", check=False)
+            dev.shell(f"rm -rf {q(work)}", check=False)
         except AdbError as e:
             log(f"Warning: could not clean {work} on the device: {e}")
     return BenchReport(target=target, results=tuple(results))
@@ -499,8 +517,9 @@ def _run_binary(dev: Adb, work: str, n: int, flags: list[str], mask: Optional[st
                 tmp: str) -> tuple[str, int]:
     """Runs benchmark_model with its output redirected to a file on the device, pulls the file; (text, exit)."""
     remote_log = f"{work}/run_{n}.log"
-    pin = f"taskset {mask} " if mask else ""
-    command = f"cd {work} && {pin}./benchmark_model {' '.join(shlex.quote(f) for f in flags)} > {remote_log} 2>&1"
+    q = shlex.quote
+    pin = f"taskset {q(mask)} " if mask else ""
+    command = f"cd {q(work)} && {pin}./benchmark_model {' '.join(q(f) for f in flags)} > {q(remote_log)} 2>&1"
     proc = dev.shell(command, timeout_s=config.timeout_s, check=False)
     local_log = os.path.join(tmp, f"run_{n}.log")
     try:
@@ -516,7 +535,7 @@ def _run_apk(dev: Adb, flags: list[str], config: DeviceBenchConfig, sleep: Calla
     """Starts the benchmark APK with ``flags`` and polls logcat (tag ``tflite``) until the run ends; (text, 0)."""
     dev.run("logcat", "-c")
     args = " ".join(flags)
-    dev.shell(f"am start -S -n {APK_ACTIVITY} --es args {shlex.quote(args)}")
+    dev.shell(f"am start -S -n {shlex.quote(APK_ACTIVITY)} --es args {shlex.quote(args)}")
     deadline = time.monotonic() + config.timeout_s
     while True:
         text = dev.run("logcat", "-d", "-v", "threadtime", "-s", "tflite").stdout

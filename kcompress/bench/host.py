@@ -123,6 +123,10 @@ def _child_main() -> None:
     except KcompressError as e:
         send({"error": str(e)})
         return
+    if model.batch_size != spec["batch_size"]:  # a graph built for a fixed batch: timing another would be a lie
+        send({"error": f"{spec['model']}: the model's batch is fixed at {model.batch_size} (its graph cannot be "
+                       f"resized to {spec['batch_size']}); benchmark it at batch size {model.batch_size}"})
+        return
     init_ms = (time.perf_counter() - t0) * 1000.0
     rng = np.random.default_rng(0)
     model.set_raw_input(model.prepare(rng.uniform(0, 1, (model.batch_size, *model.input_shape)).astype(np.float32)))

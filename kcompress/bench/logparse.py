@@ -106,8 +106,11 @@ class RunStats:
     def from_line(cls, line: str) -> "RunStats":
         """Parses ``count=50 first=.. curr=.. min=.. max=.. avg=.. std=.. [p5=.. median=.. p95=..]`` or
         ``count=N curr=X(all same)`` (every run took the same time: min = max = avg = X, std = 0)."""
-        pairs = {k: float(v) for k, v in _PAIR.findall(line)}
-        count = int(pairs["count"])
+        pairs: dict[str, float] = {}
+        for k, v in _PAIR.findall(line):
+            pairs.setdefault(k, float(v))  # the first of a repeated key, as the count below
+        m = _COUNT.match(line.strip())
+        count = int(m.group(1)) if m else 0  # digits only: a later "count=nan" or "count=1e999" cannot replace it
         if "avg" not in pairs:  # all-same form: only count and curr are printed
             curr = pairs.get("curr", math.nan)
             return cls(count=count, avg_us=curr, std_us=0.0, min_us=curr, max_us=curr, first_us=curr, curr_us=curr,
@@ -174,7 +177,7 @@ class BenchmarkLog:
     def threads(self) -> Optional[int]:
         for key in ("Num threads", "#threads used for CPU inference"):
             value = self.params.get(key, "")
-            if value.lstrip("-").isdigit() and int(value) > 0:
+            if re.fullmatch(r"[0-9]+", value) and int(value) > 0:  # ASCII digits only: "²".isdigit() is True
                 return int(value)
         return None
 
@@ -314,7 +317,7 @@ def _parse_table(lines: list[str], start: int) -> tuple[list[dict[str, Any]], in
         except (ValueError, IndexError):
             break
         for key in ("count", "times_called"):
-            if isinstance(row.get(key), float):
+            if isinstance(row.get(key), float) and math.isfinite(row[key]):
                 row[key] = int(row[key])
         rows.append(row)
         i += 1

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from kcompress import __version__
+from kcompress.errors import KcompressError
 
 __all__ = [
     "SCHEMA",
+    "BenchFormatError",
     "LatencyStats",
     "Spread",
     "SpeedUp",
@@ -42,6 +44,61 @@ __all__ = [
 ]
 
 SCHEMA = "kcompress.bench/1"
+
+
+class BenchFormatError(KcompressError, ValueError):
+    """A document that is not a valid ``kcompress.bench/1`` result: names the file, the key and what is wrong.
+    A ValueError too, for callers that caught the ValueError this used to be."""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+_CHECKS = {  # field -> (test, what it must be); None is allowed for every field but model, runtime, batch_size
+    "model": (lambda v: isinstance(v, str), "text"),
+    "runtime": (lambda v: isinstance(v, str), "text"),
+    "threads": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "batch_size": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a whole number >= 1"),
+    "delegate": (lambda v: isinstance(v, str), "text"),
+    "model_bytes": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "warmup_runs": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+    "latency_ms": (lambda v: isinstance(v, dict), "an object"),
+    "throughput_per_s": (_is_number, "a number"),
+    "init_ms": (_is_number, "a number"),
+    "first_inference_ms": (_is_number, "a number"),
+    "warmup_mean_ms": (_is_number, "a number"),
+    "memory_mb": (lambda v: isinstance(v, dict), "an object"),
+    "delegate_coverage": (lambda v: isinstance(v, dict), "an object"),
+    "op_profile": (lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), "a list of objects"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+}
+_REQUIRED = ("model", "runtime", "batch_size")
+
+
+def _bad(where: str, key: str, what: str, value: Any) -> BenchFormatError:
+    text = json.dumps(value, default=str)
+    return BenchFormatError(f"{where}: {key} must be {what}, got {text[:60]}{'...' if len(text) > 60 else ''}")
+
+
+def _checked_result(d: Any, where: str) -> dict[str, Any]:
+    """``d`` with its known fields type-checked (a clear :class:`BenchFormatError` naming the key otherwise)."""
+    if not isinstance(d, dict):
+        raise BenchFormatError(f"{where}: a result must be an object, got {type(d).__name__}")
+    for key in _REQUIRED:
+        if d.get(key) is None:
+            raise BenchFormatError(f"{where}: the result has no {key}")
+    for key, (ok, what) in _CHECKS.items():
+        if d.get(key) is not None and not ok(d[key]):
+            raise _bad(where, key, what, d[key])
+    lat = d.get("latency_ms")
+    if lat is not None:
+        for k in _STATS:  # NaN statistics are written as null (strict JSON)
+            if k not in lat:
+                raise BenchFormatError(f"{where}: latency_ms has no {k}")
+            if lat[k] is not None and not _is_number(lat[k]):
+                raise _bad(where, f"latency_ms.{k}", "a number", lat[k])
+    return d
 
 
 @dataclass(frozen=True)
@@ -220,10 +277,16 @@ class BenchResult:
         return Spread.of(self.trial_p50s) if self.trial_p50s else None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BenchResult":
-        d = dict(d)
+    def from_dict(cls, d: dict[str, Any], where: str = "benchmark result") -> "BenchResult":
+        """The result a dict describes. Keys this version does not know (a newer writer's) are kept in ``extra``;
+        keys unknown inside ``latency_ms`` are ignored. A wrong type, or a missing ``model``/``runtime``/
+        ``batch_size``/statistic, raises :class:`BenchFormatError` naming ``where`` and the key."""
+        d = dict(_checked_result(d, where))
         if d.get("latency_ms") is not None:
             d["latency_ms"] = LatencyStats(**{k: d["latency_ms"][k] for k in _STATS})
+        for key in ("memory_mb", "extra"):
+            if d.get(key) is None:
+                d.pop(key, None)  # null: the default (empty)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = {k: d.pop(k) for k in list(d) if k not in known}  # written by a newer kcompress: kept, not lost
         if unknown:
@@ -252,13 +315,24 @@ class BenchReport:
         return json.dumps(json_clean(self.to_dict()), indent=2, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BenchReport":
+    def from_dict(cls, d: dict[str, Any], source: str = "benchmark result") -> "BenchReport":
+        """The report a parsed document describes; anything malformed raises :class:`BenchFormatError` (a
+        ValueError) naming ``source`` and the key. Top-level keys it does not know are ignored."""
+        if not isinstance(d, dict):
+            raise BenchFormatError(f"{source}: not a kcompress benchmark result (a JSON {type(d).__name__}, not an "
+                                   "object)")
         if d.get("schema") != SCHEMA:
-            raise ValueError(f"not a kcompress benchmark result (schema {d.get('schema')!r}, expected {SCHEMA!r})")
+            raise BenchFormatError(f"{source}: not a kcompress benchmark result (schema {d.get('schema')!r}, "
+                                   f"expected {SCHEMA!r})")
+        if not isinstance(d.get("target"), dict):
+            raise _bad(source, "target", "an object", d.get("target"))
+        if not isinstance(d.get("results"), list):
+            raise _bad(source, "results", "a list", d.get("results"))
+        created = d.get("created", "")
         return cls(
             target=d["target"],
-            results=tuple(BenchResult.from_dict(r) for r in d["results"]),
-            created=d.get("created", ""),
+            results=tuple(BenchResult.from_dict(r, f"{source}: results[{i}]") for i, r in enumerate(d["results"])),
+            created=created if isinstance(created, str) else str(created),
         )
 
 
@@ -276,8 +350,16 @@ def json_clean(obj: Any) -> Any:
 
 
 def load_report(path: str) -> BenchReport:
-    with open(path, encoding="utf-8") as f:
-        return BenchReport.from_dict(json.load(f))
+    """A ``kcompress.bench/1`` JSON file; unreadable, not JSON or malformed: one :class:`BenchFormatError` line
+    naming the file (and the key)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except OSError as e:
+        raise BenchFormatError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise BenchFormatError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else e})") from None
+    return BenchReport.from_dict(doc, path)
 
 
 def _cpu_model() -> str:

@@ -2,22 +2,33 @@
 
 Commands are loaded lazily (``LAZY_COMMANDS`` maps a name to ``module:attribute``) and every command module
 imports TensorFlow inside its functions, so ``kcompress --help`` answers without importing it.
-Errors from kcompress (``KcompressError``) print one line on stderr and exit non-zero; ``--debug`` shows the
-traceback.
+Exit codes (:func:`handle_errors`): 0 success; 1 a user error (a :class:`KcompressError`: bad input, a gate that
+failed, or an OS error about a file the user named, such as a missing or unreadable path) printed as one ``Error:``
+line on stderr; 2 a usage error (:class:`UsageError` and click's own); 3 an internal error, i.e. a kcompress bug (any
+other exception): one ``Error:`` line naming the exception, with the full traceback saved to
+``$XDG_CACHE_HOME/kcompress/crash-*.txt`` (``~/.cache/kcompress`` by default, the temp folder when that is not
+writable); 130 interrupted. ``--debug`` shows tracebacks inline instead.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
+import os
 import sys
+import tempfile
+import time
+import traceback
 
 import click
 
 from kcompress import __version__
 from kcompress.errors import KcompressError
 
-__all__ = ["main", "LAZY_COMMANDS", "handle_errors"]
+__all__ = ["main", "LAZY_COMMANDS", "handle_errors", "EXIT_OK", "EXIT_USER", "EXIT_USAGE", "EXIT_BUG", "crash_dir"]
+
+EXIT_OK, EXIT_USER, EXIT_USAGE, EXIT_BUG = 0, 1, 2, 3
 
 # name -> (module:attribute, one-line help shown by `kcompress --help`)
 LAZY_COMMANDS: dict[str, tuple[str, str]] = {
@@ -36,6 +47,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("kcompress.cli.pipeline:compare", "Two models or .tflite files side by side (A/B test)."),
     "recommend": ("kcompress.cli.pipeline:recommend", "Write a pipeline config for a target and budgets."),
     "config": ("kcompress.cli.pipeline:config", "Show the config defaults or validate a config file."),
+    "sweep": ("kcompress.cli.sweep:sweep", "Sweep and ablate pipeline settings (Optuna; local or Ray): Pareto front."),
     "device": ("kcompress.cli.device:device", "Benchmark .tflite files on Android devices over adb."),
 }
 
@@ -59,8 +71,89 @@ class LazyGroup(click.Group):
                 formatter.write_dl(rows)
 
 
+# OS errors about the user's files and machine (a path they named, a full disk): user errors, exit 1. Any other
+# OSError (no errno, e.g. raised by a library about its own state) is treated as a kcompress bug.
+_USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EIO,
+                errno.ELOOP, errno.EXDEV, errno.ENOTEMPTY, errno.EBUSY, errno.ETXTBSY}
+
+
+def _user_os_error(e: BaseException) -> bool:
+    if not isinstance(e, OSError):
+        return False
+    return isinstance(e, _USER_OS_ERRORS) or e.errno in _USER_ERRNOS
+
+
+def _os_error_line(e: OSError) -> str:
+    what = e.strerror or str(e) or type(e).__name__
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{': '.join(names)}: {what}" if names else what
+
+
+def crash_dir() -> str:
+    """Where tracebacks of internal errors are saved: ``$XDG_CACHE_HOME/kcompress`` (``~/.cache/kcompress``)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "kcompress")
+
+
+def _save_crash(e: BaseException) -> str | None:
+    """Writes the traceback of ``e`` (with the command line and versions) to a new file; its path, or None."""
+    import platform
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = "".join([
+        f"kcompress {__version__}, Python {platform.python_version()}, {platform.platform()}\n",
+        f"command: {' '.join(sys.argv)}\n",
+        f"time: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n",
+        *traceback.format_exception(type(e), e, e.__traceback__),
+    ])
+    for folder in (crash_dir(), os.path.join(tempfile.gettempdir(), "kcompress")):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            for n in range(100):
+                path = os.path.join(folder, f"crash-{stamp}-{os.getpid()}{f'-{n}' if n else ''}.txt")
+                try:
+                    with open(path, "x", encoding="utf-8") as f:
+                        f.write(text)
+                    return path
+                except FileExistsError:
+                    continue
+        except OSError:
+            continue
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0][:300] if lines else ""
+
+
+def _one_line(e: BaseException) -> str:
+    """The whole message of an error on one line (a library's multi-line text, quoted inside ours, included)."""
+    return " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
+
+
+def _internal_error(e: BaseException) -> None:
+    """One line saying this is a kcompress bug and where its traceback went; exit 3."""
+    path = _save_crash(e)
+    first = _first_line(e)
+    what = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    where = (f"traceback saved to {path}" if path else "the traceback could not be saved")
+    click.echo(f"Error: internal error, a kcompress bug ({what}); {where}; please report it (--debug shows the "
+               "traceback here)", err=True)
+    if path is None:  # nowhere to keep it: the traceback itself, rather than losing it
+        traceback.print_exception(type(e), e, e.__traceback__, file=sys.stderr)
+    sys.exit(EXIT_BUG)
+
+
 def handle_errors(fn):
-    """Turns KcompressError (and a few predictable OS errors) into one stderr line and an exit code."""
+    """The exit-code contract of every command (see the module docstring and ``kcompress --help``).
+
+    User errors (:class:`KcompressError`, OS errors about the user's files such as a missing or unreadable path, out
+    of memory) print one ``Error:`` line and exit 1 (:class:`UsageError`: 2). Any other exception is a kcompress bug:
+    one ``Error:`` line with its type and first line, the traceback saved to a crash file, exit 3. With ``--debug``
+    every exception propagates with its traceback. Click's own exceptions (usage errors, ``Abort``, ``Exit``) pass
+    through to click."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -68,19 +161,24 @@ def handle_errors(fn):
         debug = bool(ctx.find_root().params.get("debug"))
         try:
             return fn(*args, **kwargs)
-        except KcompressError as e:
-            if debug:
-                raise
-            click.echo(f"Error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except (OSError, ValueError, MemoryError) as e:
-            if debug:
-                raise
-            click.echo(f"Error: {type(e).__name__}: {e}", err=True)
-            sys.exit(1)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
             sys.exit(130)
+        except Exception as e:
+            if debug:
+                raise
+            if isinstance(e, KcompressError):
+                click.echo(f"Error: {_one_line(e) or type(e).__name__}", err=True)
+                sys.exit(e.exit_code)
+            if _user_os_error(e):
+                click.echo(f"Error: {_os_error_line(e)}", err=True)
+                sys.exit(EXIT_USER)
+            if isinstance(e, MemoryError):
+                click.echo("Error: out of memory (try a smaller --batch-size or less data)", err=True)
+                sys.exit(EXIT_USER)
+            _internal_error(e)
 
     return wrapper
 
@@ -100,6 +198,14 @@ def main(debug: bool) -> None:
 
     DATA is an image folder (one sub-folder per class), an .npz with arrays x and y, or a built-in
     name (digits, digits:train, digits:val). Run `kcompress COMMAND --help` for each command.
+
+    \b
+    Exit codes:
+      0  success
+      1  user error: bad input, a missing or unreadable file, a failed --max-drop gate (one "Error:" line)
+      2  usage error: a bad flag or option value
+      3  internal error, a kcompress bug: the traceback is saved to ~/.cache/kcompress/crash-*.txt
+         ($XDG_CACHE_HOME/kcompress; --debug prints it instead); please report it
     """
 
 

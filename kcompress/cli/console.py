@@ -7,6 +7,7 @@ Public within ``kcompress.cli``; imports neither TensorFlow nor rich at load.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -41,6 +42,7 @@ __all__ = [
     "preprocess",
     "int_list",
     "default_out",
+    "trust_model_option",
 ]
 
 
@@ -154,20 +156,27 @@ def preprocess_options(fn):
     return fn
 
 
-TRAIN_FLAGS = ("augment", "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_epochs")
+TRAIN_FLAGS = ("augment", "optimizer", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "strategy")
 
 
 def train_options(fn):
-    """--augment/--optimizer/--momentum/--weight-decay/--lr-schedule/--warmup-epochs (the train section's keys),
-    shared by every command that trains; :func:`train_settings` turns them into a TrainOptions."""
+    """--augment/--optimizer/--momentum/--weight-decay/--lr-schedule/--warmup-epochs/--strategy (the train
+    section's keys), shared by every command that trains; :func:`train_settings` turns them into a TrainOptions."""
     for name in reversed(TRAIN_FLAGS):
         fn = option(TrainOptions, name)(fn)
     return fn
 
 
 def train_settings(kw: dict) -> TrainOptions:
-    """Pops the train section's values from a command's keyword arguments -> a TrainOptions (bad value: exit 2)."""
-    return build(TrainOptions, **{name: kw.pop(name) for name in TRAIN_FLAGS})
+    """Pops the train section's values from a command's keyword arguments -> a TrainOptions (bad value: exit 2).
+
+    Also sets up multi-worker training when TF_CONFIG asks for it (:func:`kcompress.distributed.distribute_early`):
+    call it before the command loads any model."""
+    from kcompress.distributed import distribute_early
+
+    opts = build(TrainOptions, **{name: kw.pop(name) for name in TRAIN_FLAGS})
+    distribute_early(opts.strategy)
+    return opts
 
 
 def train_limit_option(fn):
@@ -226,3 +235,22 @@ def default_out(path: str, suffix: str) -> str:
         if base.endswith(ext):
             base = base[: -len(ext)]
     return base + suffix
+
+
+def trust_model_option(fn):
+    """--trust-model: load model files with Lambda layers or unregistered custom classes, which run code when
+    loaded; the whole command then runs inside :func:`kcompress.io.trusting_models`. Put it above
+    ``@handle_errors``."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, trust_model: bool = False, **kwargs):
+        if not trust_model:
+            return fn(*args, **kwargs)
+        from kcompress.io import trusting_models
+
+        with trusting_models(True):
+            return fn(*args, **kwargs)
+
+    return click.option("--trust-model", is_flag=True,
+                        help="Load the model even if it has Lambda layers or unregistered custom classes, which run "
+                             "their own code when loaded: only for files from a source you trust.")(wrapper)

@@ -137,6 +137,9 @@ def list_cmd(adb_path: Optional[str], as_json: bool) -> None:
 @click.option("--op-profiling", is_flag=True, help="Also record per-op timings (--enable_op_profiling).")
 @click.option("--no-pin", is_flag=True, help="Do not pin to the big cores with taskset.")
 @click.option("--timeout", default=600.0, show_default=True, metavar="SECONDS", help="Limit for one run.")
+@click.option("--work-dir", default="kcompress", show_default=True, metavar="NAME",
+              help="Folder on the device, emptied before and removed after the run: one plain name under "
+                   "/data/local/tmp (NAME or /data/local/tmp/NAME).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
 @click.option("-o", "--out", metavar="FILE", help="Write the results JSON to FILE.")
 @click.option("--overwrite", is_flag=True, help="Replace FILE if it exists.")
@@ -144,10 +147,10 @@ def list_cmd(adb_path: Optional[str], as_json: bool) -> None:
 def bench_cmd(models: tuple[str, ...], serial: Optional[str], adb_path: Optional[str],
               benchmark_binary: Optional[str], apk: bool, threads: str, delegates: tuple[str, ...], runs: int,
               warmup: int, cooldown: float, op_profiling: bool, no_pin: bool, timeout: float, as_json: bool,
-              out: Optional[str], overwrite: bool) -> None:
+              out: Optional[str], overwrite: bool, work_dir: str) -> None:
     """Benchmark .tflite files on an Android device with LiteRT's benchmark_model.
 
-    Pushes the binary and the models to /data/local/tmp/kcompress/, runs every model x delegate x threads
+    Pushes the binary and the models to /data/local/tmp/kcompress/ (--work-dir), runs every model x delegate x threads
     combination (peak memory reported, pinned to the big cores where taskset exists, --cooldown seconds apart,
     battery temperature recorded before and after each run), then removes the files from the device.
 
@@ -171,6 +174,7 @@ def bench_cmd(models: tuple[str, ...], serial: Optional[str], adb_path: Optional
         pin_big_cores=not no_pin,
         apk=apk,
         timeout_s=timeout,
+        work_dir=work_dir,
     )
     report = bench_on_device(list(models), Adb(find_adb(adb_path)), config, benchmark_binary=benchmark_binary,
                              serial=serial, log=lambda msg: click.echo(msg, err=True))

@@ -21,6 +21,7 @@ from kcompress.cli.console import (
     train_limit_option,
     train_options,
     train_settings,
+    trust_model_option,
     wrote,
 )
 from kcompress.options import DistillOptions
@@ -59,6 +60,7 @@ def default_output(teacher_path: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the result (history, accuracies, sizes) as JSON.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoints (OUT.ckpt/).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and start over its checkpoints).")
+@trust_model_option
 @handle_errors
 def distill_cmd(teacher, data, val_data, student, student_width, temperature, alpha, temperature_schedule, epochs,
                 batch_size, lr, patience, min_teacher_accuracy, cache_teacher, max_drop, seed, out, as_json, resume,
@@ -79,6 +81,7 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
           --student small.keras --temperature-schedule linear:8:2 --epochs 30 --patience 5
     """
     import kcompress as kc
+    from kcompress.distributed import worker_path
     from kcompress.errors import KcompressError
     from kcompress.io import check_output_path
 
@@ -94,6 +97,7 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
                         options=opts, preprocess=preprocess(kw), seed=seed,
                         checkpoint_dir=out.rstrip("/") + ".ckpt", resume=resume, overwrite_checkpoints=overwrite,
                         log=log, train_options=topts)
+    out = worker_path(out)  # only the chief writes the user's files
     final = out
     if not result.within_max_drop:
         final = failed_name(out)

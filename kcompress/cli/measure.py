@@ -25,6 +25,7 @@ from kcompress.cli.console import (
     preprocess_options,
     print_json,
     print_table,
+    trust_model_option,
     wrote,
 )
 from kcompress.errors import UsageError
@@ -95,6 +96,7 @@ def demo(overrides, out_dir: str, overwrite: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the baseline record as JSON too.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @preprocess_options
+@trust_model_option
 @handle_errors
 def baseline(model: str, data: str, out: Optional[str], batch_sizes: str, threads: int, runs: int, warmup: int,
              limit: Optional[int], as_json: bool, overwrite: bool, **kw) -> None:
@@ -151,6 +153,7 @@ def baseline(model: str, data: str, out: Optional[str], batch_sizes: str, thread
 @click.option("--limit", type=int, default=None, help="Only a stratified random sample of N (seeded).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top level has 'accuracy').")
 @preprocess_options
+@trust_model_option
 @handle_errors
 def evaluate(model: str, data: str, reference: Optional[str], batch_size: int, limit: Optional[int],
              as_json: bool, **kw) -> None:
@@ -265,6 +268,7 @@ def _print_bench(report, opts: BenchmarkOptions) -> None:
 @click.command("inspect")
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@trust_model_option
 @handle_errors
 def inspect_cmd(model: str, as_json: bool) -> None:
     """Layers (Keras) or ops and tensors (.tflite): shapes, dtypes, parameters, quantization parameters.

@@ -18,6 +18,7 @@ from kcompress.cli.console import (
     preprocess_options,
     print_json,
     print_table,
+    trust_model_option,
     wrote,
 )
 from kcompress.errors import UsageError
@@ -31,6 +32,7 @@ __all__ = ["run", "report", "compare", "recommend", "config"]
 @click.argument("overrides", nargs=-1, metavar="[section.key=value ...]")
 @click.option("-o", "--out", "run_dir", default=None, help="Run folder [default: runs/<config name>].")
 @click.option("--resume", is_flag=True, help="Continue a run: finished stages with unchanged settings are skipped.")
+@trust_model_option
 @handle_errors
 def run(config_path: str, overrides, run_dir: Optional[str], resume: bool) -> None:
     """Run a pipeline config: baseline -> distill -> prune -> quantize -> benchmark -> report.
@@ -80,8 +82,9 @@ def _print_stages(con, rows) -> None:
 @click.command()
 @click.argument("run_dirs", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", default=None, help="Report folder [default: the first RUN_DIR].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing report (report.json, report.md, plots).")
 @handle_errors
-def report(run_dirs, out_dir: Optional[str]) -> None:
+def report(run_dirs, out_dir: Optional[str], overwrite: bool) -> None:
     """Report over one or more run folders: report.json, report.md and Pareto plots (PNG).
 
     Plots accuracy against size and against latency over every stage of every run, the per-class accuracy change
@@ -94,7 +97,7 @@ def report(run_dirs, out_dir: Optional[str]) -> None:
     """
     import kcompress as kc
 
-    paths = kc.report(list(run_dirs), out_dir)
+    paths = kc.report(list(run_dirs), out_dir, overwrite=overwrite)
     wrote(", ".join(paths.values()))
 
 
@@ -105,6 +108,7 @@ def report(run_dirs, out_dir: Optional[str]) -> None:
 @click.option("--limit", type=int, default=None, help="Only a stratified random sample of N (seeded).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @preprocess_options
+@trust_model_option
 @handle_errors
 def compare(model_a: str, model_b: str, data: str, limit: Optional[int], as_json: bool, **kw) -> None:
     """Two models or .tflite files side by side: the A/B test before deployment.
@@ -147,6 +151,7 @@ def compare(model_a: str, model_b: str, data: str, limit: Optional[int], as_json
 @click.option("-o", "--out", required=True, help="The config to write (YAML).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file.")
 @preprocess_options
+@trust_model_option
 @handle_errors
 def recommend(model: str, target: str, data: str, val_data: str, max_size_mb, max_latency_ms, max_drop: float,
               out: str, overwrite: bool, **kw) -> None:

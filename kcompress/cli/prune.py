@@ -5,6 +5,7 @@ Thin over :func:`kcompress.prune`; TensorFlow is imported inside the command.
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import click
@@ -27,6 +28,7 @@ from kcompress.cli.console import (
     train_limit_option,
     train_options,
     train_settings,
+    trust_model_option,
     wrote,
 )
 from kcompress.options import PruneOptions
@@ -35,7 +37,7 @@ __all__ = ["prune"]
 
 MAGNITUDE_ONLY = {"sparsity", "schedule", "initial_sparsity", "block", "skip"}
 STRUCTURED_ONLY = {"target_flops", "ratio", "criterion", "rounds", "channel_multiple", "granularity",
-                   "target_latency_ms"}
+                   "target_latency_ms", "resume"}
 
 
 def _default_out(model_path: str, method: str) -> str:
@@ -75,7 +77,10 @@ def _default_out(model_path: str, method: str) -> str:
 @preprocess_options
 @click.option("-o", "--out", default=None, help="Output model [MODEL_<method>.keras next to MODEL].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--resume", is_flag=True, help="Structured: continue an interrupted run from its checkpoints "
+                                             "(OUT.ckpt/: each round, each fine-tuning epoch).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output (and start over its checkpoints).")
+@trust_model_option
 @handle_errors
 def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_sparsity, block, skip, target_flops,
           ratio, criterion, rounds, channel_multiple, epochs, lr, batch_size, max_drop, seed, out, as_json, overwrite,
@@ -92,6 +97,8 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
     magnitude: unstructured sparsity through tfmot on the layers it can prune (the rest stay dense).
       The file only shrinks after compression (gzip size shown); latency does not change.
     A result more than --max-drop points below MODEL on VAL is written, and the command exits 1 saying so.
+    Structured pruning checkpoints each round and fine-tuning epoch to OUT.ckpt/ (removed once the output is
+    written); --resume continues a killed run there.
 
     \b
     Examples:
@@ -101,6 +108,7 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
       kcompress prune resnet.keras --data train/ --val-data val/ --granularity both --target-latency-ms 2.5
     """
     import kcompress as kc
+    from kcompress.distributed import worker_path
     from kcompress.errors import KcompressError, UsageError
     from kcompress.io import check_output_path
 
@@ -119,14 +127,19 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
                  rounds=rounds, channel_multiple=channel_multiple, epochs=epochs, lr=lr, batch_size=batch_size,
                  max_drop=max_drop, granularity=granularity, target_latency_ms=target_latency_ms)
     out = out or _default_out(model_path, str(opts.method))
-    check_output_path(out, overwrite)
+    resume = kw.pop("resume")
+    check_output_path(out, overwrite or resume)
+    ckpt = out.rstrip("/") + ".ckpt" if str(opts.method) == "structured" else None
     topts = train_settings(kw)
     r = kc.prune(model_path, data_spec, val_spec, test=test_data, test_split=test_split, train_limit=train_limit,
                  log=(lambda m: None) if as_json else click.echo, options=opts, preprocess=preprocess(kw), seed=seed,
-                 train_options=topts)
+                 train_options=topts, checkpoint_dir=ckpt, resume=resume, overwrite_checkpoints=overwrite)
+    out, ckpt = worker_path(out), worker_path(ckpt) if ckpt else None  # only the chief writes the user's files
     ok = r.within_max_drop and r.target_met
     final = out if ok else failed_name(out)
-    r.save(final, overwrite=True if final != out else overwrite)
+    r.save(final, overwrite=True if final != out else overwrite or resume)
+    if ckpt:
+        shutil.rmtree(ckpt, ignore_errors=True)  # the output is written: no longer needed
     if as_json:
         print_json({**r.to_dict(), "out": final})
     else:

@@ -7,6 +7,7 @@ print the result object. TensorFlow is imported inside the functions so ``kcompr
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import Optional
 
@@ -32,6 +33,7 @@ from kcompress.cli.console import (
     train_limit_option,
     train_options,
     train_settings,
+    trust_model_option,
     wrote,
 )
 from kcompress.options import QATOptions, QuantizeOptions
@@ -88,6 +90,7 @@ def _print_plan(con, plan: Optional[dict]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @preprocess_options
+@trust_model_option
 @handle_errors
 def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Optional[str],
              calibration_samples: int, per_tensor: bool, io: Optional[str], float_layers: Optional[str],
@@ -164,8 +167,10 @@ def _gate(ok: bool, drop: float, max_drop: float, out: str, final: str, split: s
 @click.option("-o", "--out", default=None, help="Output .tflite [default: MODEL_qat_int8.tflite].")
 @click.option("--keras-out", default=None, help="Also save the QAT Keras model here (to keep training it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison and layer table as JSON.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its per-epoch checkpoints (OUT.ckpt/).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (and start over their checkpoints).")
 @preprocess_options
+@trust_model_option
 @handle_errors
 def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, max_tflite_drop, calibration_samples,
         per_tensor, io, float_layers, max_drop, seed, out, keras_out, as_json, overwrite, test_data, test_split,
@@ -174,30 +179,36 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, m
 
     Works on any functional model: nested models are flattened, layers tfmot cannot quantize stay float in Keras
     and are quantized by the converter. Reports fp32, PTQ int8 and QAT int8 side by side on VAL (accuracy, size,
-    latency) and says when PTQ was as good. Pruned (sparse) models keep their zeros.
+    latency) and says when PTQ was as good. Pruned (sparse) models keep their zeros. Each fine-tuning epoch is
+    checkpointed to OUT.ckpt/ (removed when the output is written); --resume continues a killed run there.
 
     \b
     Example:
       kcompress qat model.keras --data train/ --val-data val/ --scale 1/255 --epochs 2 -o model_qat.tflite
     """
     import kcompress as kc
+    from kcompress.distributed import worker_path
     from kcompress.io import check_output_path, save_model
 
     q = _quantize_options("int8", calibration_samples, per_tensor, io or "int8", float_layers, max_drop)
     opts = build(QATOptions, epochs=epochs, lr=lr, batch_size=batch_size, preserve_sparsity=preserve_sparsity,
                  max_tflite_drop=max_tflite_drop)
     out = out or os.path.splitext(model.rstrip("/"))[0] + "_qat_int8.tflite"
+    resume = kw.pop("resume")
     for path in (out, keras_out):
         if path:
-            check_output_path(path, overwrite)
+            check_output_path(path, overwrite or resume)
     log = (lambda m: None) if as_json else click.echo
     topts = train_settings(kw)
     res = kc.qat(model, data_spec, val_data=val_data, test_data=test_data, test_split=test_split,
                  train_limit=train_limit, options=opts, quantize=q, preprocess=preprocess(kw), seed=seed,
-                 log=log, train_options=topts)
-    res.save(out, overwrite=overwrite)
+                 log=log, train_options=topts, checkpoint_dir=out.rstrip("/") + ".ckpt", resume=resume,
+                 overwrite_checkpoints=overwrite)
+    out, keras_out = worker_path(out), worker_path(keras_out) if keras_out else None  # only the chief's are kept
+    res.save(out, overwrite=overwrite or resume)
     if keras_out:
-        save_model(res.qat_model, keras_out, overwrite)
+        save_model(res.qat_model, keras_out, overwrite or resume)
+    shutil.rmtree(out.rstrip("/") + ".ckpt", ignore_errors=True)  # the outputs are written: no longer needed
     if as_json:
         print_json({**res.to_dict(), "out": out})
         return
@@ -226,6 +237,7 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, m
 @click.option("--json", "as_json", is_flag=True, help="Print the ranking as JSON instead of a table.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing JSON file.")
 @preprocess_options
+@trust_model_option
 @handle_errors
 def sensitivity(model, data_spec, samples, top, out, as_json, overwrite, **kw):
     """Per-layer int8 sensitivity of MODEL: quantize one layer at a time, rank by output SQNR (lowest first).

@@ -21,7 +21,8 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, tra
             student=None,
             options: Optional[DistillOptions] = None, preprocess=None, seed: int = 0, checkpoint_dir: Optional[str] = None, resume: bool = False,
             overwrite_checkpoints: bool = False, augment: Optional[Callable] = None, verbose: Optional[int] = None,
-            log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None, **option_fields):
+            log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None,
+            trust_model: bool = False, **option_fields):
     """Trains a smaller student to imitate ``teacher``; returns a DistillResult (``.student``, ``.save(path)``).
 
     ``student``: a model or a path (fresh or pre-trained); None derives one from the teacher with
@@ -34,21 +35,25 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, tra
     teacher and student are measured on it afterwards (``result.test``).
     ``train_options``: optimizer, schedule and augmentation (:class:`~kcompress.options.TrainOptions`, the
     ``train`` section); with augmentation the teacher runs on each augmented batch (no cache). ``augment`` (a
-    function on a batch of inputs) replaces its augmentation.
+    function on a batch of inputs) replaces its augmentation. ``trust_model``: load teacher and student files even
+    with Lambda layers or unregistered classes (files you trust only).
     """
     from kcompress.backend import keras
     from kcompress.distillation.students import derive_student
     from kcompress.distillation.trainer import distill as run
     from kcompress.distillation.trainer import size_warnings, weights_bytes
+    from kcompress.distributed import distribute_early, worker_path
     from kcompress.modelinfo import count_params
 
     opts = resolve_options(DistillOptions, options, **option_fields)
     topts = resolve_options(TrainOptions, train_options)
+    distribute_early(topts.strategy)  # multi-worker: before any model is loaded
+    checkpoint_dir = worker_path(checkpoint_dir, copy=resume) if checkpoint_dir else None  # the chief's only
     preprocess = preprocess_of(train, preprocess)
-    t = as_model(teacher, stage="distill")
+    t = as_model(teacher, stage="distill", trust_model=trust_model)
     student = student if student is not None else opts.student
     if student is not None:
-        student_model = as_model(student, stage="distill").model
+        student_model = as_model(student, stage="distill", trust_model=trust_model).model
     else:
         keras.utils.set_random_seed(seed)
         student_model = derive_student(t.model, opts.student_width, log=log)

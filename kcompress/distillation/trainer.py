@@ -33,16 +33,18 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
+from kcompress.atomic import atomic_path, atomic_write_text
 from kcompress.backend import keras, tf
 from kcompress.batchnorm import RecalibrateBatchNorm, recalibrate_batchnorm
 from kcompress.data import DataSource, check_fits
 from kcompress.distillation.loss import Distiller, TemperatureSchedule, as_logits, check_compatible, distillation_loss
 from kcompress.distillation.students import derive_student, outputs_probabilities
+from kcompress.distributed import describe, shard_by_data
 from kcompress.errors import KcompressError, UsageError
 from kcompress.modelinfo import count_params, input_shape, num_classes
 from kcompress.options import DistillOptions, TrainOptions
 from kcompress.progress import progress
-from kcompress.train import strategy
+from kcompress.train import copy_into_scope, strategy
 
 __all__ = [
     "DistillResult",
@@ -279,7 +281,8 @@ class _EpochState(keras.callbacks.Callback):
             self.best, self.best_epoch, self.wait = score, epoch + 1, 0
             self.best_weights = self.d.student.get_weights()
             if self.ckpt_dir:
-                self.d.student.save_weights(os.path.join(self.ckpt_dir, "best.weights.h5"))
+                with atomic_path(os.path.join(self.ckpt_dir, "best.weights.h5"), overwrite=True) as tmp:
+                    self.d.student.save_weights(tmp)
         else:
             self.wait += 1
             if self.patience is not None and self.wait >= self.patience:
@@ -290,10 +293,7 @@ class _EpochState(keras.callbacks.Callback):
             state = {"epochs_done": epoch + 1, "history": self.history, "best": self.best,
                      "best_epoch": self.best_epoch, "wait": self.wait, "fingerprint": self.fingerprint,
                      "stopped_early": self.stopped_early}
-            tmp = os.path.join(self.ckpt_dir, "state.json.tmp")
-            with open(tmp, "w") as f:
-                json.dump(state, f, indent=1)
-            os.replace(tmp, os.path.join(self.ckpt_dir, "state.json"))
+            atomic_write_text(os.path.join(self.ckpt_dir, "state.json"), json.dumps(state, indent=1), overwrite=True)
 
 
 def _load_state(ckpt_dir: Optional[str], resume: bool, fingerprint: dict) -> Optional[dict]:
@@ -360,21 +360,17 @@ def distill(
     aug_text = "a custom function" if custom else rec.augment_text
     augment = augment if custom else rec.augmenter()
     where, cache_reason = _cache_plan(options.cache_teacher, augment, aug_text)
-    log(f"training {options.epochs} epoch(s): {rec.describe(augment=aug_text if custom else None)}")
     keras.utils.set_random_seed(seed)
-    strat = strategy()
-    multi = strat.num_replicas_in_sync > 1
-    with strat.scope():
-        if isinstance(student, (int, float)) and not isinstance(student, bool):
-            student = derive_student(teacher, float(student))
-        elif multi:  # variables must be created in the strategy's scope
-            copy = keras.models.clone_model(student)
-            copy.set_weights(student.get_weights())
-            student = copy
-        if multi and where == "off":
-            t_copy = keras.models.clone_model(teacher)
-            t_copy.set_weights(teacher.get_weights())
-            teacher = t_copy
+    if isinstance(student, (int, float)) and not isinstance(student, bool):
+        student = derive_student(teacher, float(student))
+    # variables must be created in the strategy's scope: a copy of the student trains there (its weights are copied
+    # back at the end, so the student returned is a plain model); so does the teacher when it runs every step
+    strat = strategy(train_options.strategy)  # the process's one strategy (kcompress.distributed)
+    log(f"training {options.epochs} epoch(s): {rec.describe(augment=aug_text if custom else None)}"
+        f"{describe(strat, options.batch_size)}")
+    given, student = student, copy_into_scope(student, strat)
+    if where == "off":
+        teacher = copy_into_scope(teacher, strat)
     check_compatible(teacher, student)
     for data in (train, val):
         if data is not None:
@@ -404,12 +400,13 @@ def distill(
         cache_reason = cache_reason.format(where=where)
     cache_seconds = time.perf_counter() - t0
     log(f"teacher outputs: {cache_reason}")
-    train_ds = _train_dataset(train, shape, options.batch_size, seed, logits, augment)
+    train_ds = shard_by_data(_train_dataset(train, shape, options.batch_size, seed, logits, augment))
     val_ds = None
     if val is not None:
         vy = tf.data.Dataset.from_tensor_slices(val_logits).batch(256)
         # the teacher's VAL outputs from the check above serve every epoch (VAL is never augmented)
-        val_ds = tf.data.Dataset.zip((val.dataset(shape, batch_size=256), vy)).map(lambda xy, t: ((xy[0], t), xy[1]))
+        val_ds = shard_by_data(tf.data.Dataset.zip((val.dataset(shape, batch_size=256), vy))
+                               .map(lambda xy, t: ((xy[0], t), xy[1])))
 
     schedule = TemperatureSchedule.parse(options.temperature_schedule, options.temperature)
     with strat.scope():
@@ -444,6 +441,9 @@ def distill(
             shutil.rmtree(temp_cache, ignore_errors=True)
     if cb.best_weights is not None:
         student.set_weights(cb.best_weights)
+    if student is not given:  # trained as a copy in the strategy's scope
+        given.set_weights(student.get_weights())
+        student = given
     if val is None:  # no VAL pass recalibrated the statistics: do it once, on the weights kept
         recalibrate_batchnorm(student, train, seed=seed)
     best_row = next((h for h in cb.history if h["epoch"] == cb.best_epoch), None)

@@ -36,7 +36,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import zipfile
 from typing import Any
 
@@ -99,8 +98,11 @@ def is_keras3_file(path: str | os.PathLike) -> bool:
             return False
     import h5py
 
-    with h5py.File(path, "r") as h5:
-        version = h5.attrs.get("keras_version", "")
+    try:
+        with h5py.File(path, "r") as h5:
+            version = h5.attrs.get("keras_version", "")
+    except OSError:  # a truncated or corrupt .h5: not Keras 3; the tf_keras loader says what is wrong with it
+        return False
     if isinstance(version, bytes):
         version = version.decode()
     return str(version).startswith("3.")
@@ -168,8 +170,9 @@ def load_keras3(path: str | os.PathLike, custom_objects: dict | None = None, saf
             ) from err
         if "safe_mode" in text or "lambda" in text.lower():
             raise KcompressError(
-                f"cannot load {path}: it contains a Lambda layer, which Keras loads only with safe_mode=False "
-                "(only do that for files you trust); Lambda layers cannot be converted to tf_keras anyway"
+                f"refusing to load {path}: it contains a Lambda layer, whose Python code Keras would run (safe mode); "
+                "if you trust this file, pass --trust-model (trust_model=True in the Python API), though Lambda "
+                "layers cannot be converted to tf_keras anyway"
             ) from err
         raise KcompressError(f"cannot load {path} with Keras 3: {text}") from err
 
@@ -177,23 +180,18 @@ def load_keras3(path: str | os.PathLike, custom_objects: dict | None = None, saf
 def save_keras3(tfk_model, path: str | os.PathLike, verify: bool = True, inputs=None) -> str:
     """Convert a tf_keras model with :func:`to_keras3` and write it as a Keras 3 ``.keras`` file; returns the path.
 
-    Written to a temporary file in the same directory and renamed, so a crash never leaves half a file. The path
+    Written with the atomic writer (:mod:`kcompress.atomic`), so a crash never leaves half a file. The path
     must end in ``.keras`` (Keras 3 insists).
     """
     path = os.fspath(path)
     if not path.endswith(".keras"):
         raise KcompressError(f"a Keras 3 model file must end in .keras: {path}")
+    from kcompress.atomic import atomic_path
+
     k3_model = to_keras3(tfk_model, verify=verify, inputs=inputs)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".keras", prefix=".tmp-", dir=directory)
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path, overwrite=True) as tmp:
         k3_model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -14,18 +14,19 @@ __all__ = ["inspect_model", "tflite_output_kind"]
 _PASS_THROUGH = ("DEQUANTIZE", "QUANTIZE")  # type conversions between the softmax and the output tensor
 
 
-def inspect_model(path: str) -> dict[str, Any]:
-    """``{"format", "layers"|"ops", ...}``: per layer (Keras) or per op and tensor (TFLite)."""
+def inspect_model(path: str, trust_model: bool = False) -> dict[str, Any]:
+    """``{"format", "layers"|"ops", ...}``: per layer (Keras) or per op and tensor (TFLite). A Keras file is loaded
+    safely unless ``trust_model`` (see :func:`kcompress.io.load_model`)."""
     fmt = model_format(path)
-    return _inspect_tflite(path) if fmt == "tflite" else _inspect_keras(path)
+    return _inspect_tflite(path) if fmt == "tflite" else _inspect_keras(path, trust_model)
 
 
-def _inspect_keras(path: str) -> dict[str, Any]:
+def _inspect_keras(path: str, trust_model: bool = False) -> dict[str, Any]:
     from kcompress.errors import KcompressError
     from kcompress.io import load_model
     from kcompress.modelinfo import count_params, flat_layers, macs_by_layer
 
-    model = load_model(path)
+    model = load_model(path, trust_model=trust_model)
     try:  # per layer at the declared input size, nested models included
         per_layer: Optional[dict] = {}
         for _, layer, macs in macs_by_layer(model):

@@ -20,6 +20,12 @@ from kcompress.internals import ops_details
 __all__ = ["TFLiteModel", "tflite_ops", "tflite_tensors", "float_op_report", "delegation", "QUANT_TYPES"]
 
 QUANT_TYPES = (np.int8, np.uint8, np.int16)
+_DELEGATE_ERROR = re.compile(r"xnnpack|delegate", re.IGNORECASE)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def _interpreter_class():
@@ -32,27 +38,32 @@ class TFLiteModel:
     """A ``.tflite`` file (path or bytes) ready to run on float batches.
 
     ``batch_size`` resizes the input's batch axis once; shorter batches are padded and the padding dropped, so
-    the interpreter is allocated a single time.
+    the interpreter is allocated a single time. Gotcha: a file converted with a fixed batch (often 1) whose graph
+    cannot take another (a ``RESHAPE`` to a constant ``[1, -1]`` fails to prepare, or the output keeps batch 1) runs
+    at its own batch instead, chunk by chunk: ``batch_size`` is then the file's and ``fixed_batch`` is True, so
+    callers that need a given batch (benchmarks) can say so.
     """
 
     def __init__(
         self, model: str | bytes, num_threads: Optional[int] = None, batch_size: int = 1, delegates: bool = True
     ):
         self.batch_size = int(batch_size)
+        #: True when the file's batch could not be resized to the ``batch_size`` asked for (see the class doc)
+        self.fixed_batch = False
         #: why the default delegate (XNNPACK) was dropped, when it refused the graph ("" when it was not)
         self.delegate_fallback = ""
         try:
             self.interpreter = self._open(model, num_threads, delegates)
         except RuntimeError as e:  # XNNPACK can refuse a valid graph (e.g. a quantization scale near 1e-9)
-            if not delegates or not re.search(r"xnnpack|delegate", str(e), re.IGNORECASE):
-                raise KcompressError(f"cannot run the .tflite model: {str(e).strip().splitlines()[0]}") from None
-            self.delegate_fallback = str(e).strip().splitlines()[0]
+            if not delegates or not _DELEGATE_ERROR.search(str(e)):
+                raise KcompressError(f"cannot run the .tflite model: {_first_line(e)}") from None
+            self.delegate_fallback = _first_line(e)
             self.interpreter = self._open(model, num_threads, False)
         self.input = self.interpreter.get_input_details()[0]
         self.output = self.interpreter.get_output_details()[0]
 
-    def _open(self, model, num_threads, delegates: bool):
-        """An interpreter with the batch axis resized and tensors allocated."""
+    def _new(self, model, num_threads, delegates: bool):
+        """A fresh interpreter, tensors not allocated; a file LiteRT cannot read is a KcompressError."""
         Interpreter = _interpreter_class()
         kwargs: dict[str, Any] = {"num_threads": num_threads}
         if not delegates:  # the plain op graph, as written in the file (XNNPACK would fuse ops into DELEGATE nodes)
@@ -65,19 +76,39 @@ class TFLiteModel:
             else:
                 interpreter = Interpreter(model_path=model, **kwargs)
         except ValueError as e:
-            raise KcompressError(f"cannot load the .tflite model: {str(e).splitlines()[0]}") from None
+            raise KcompressError(f"cannot load the .tflite model: {_first_line(e)}") from None
         except RuntimeError as e:
             if delegates:
                 raise
-            raise KcompressError(f"cannot load the .tflite model: {str(e).splitlines()[0]}") from None
+            raise KcompressError(f"cannot load the .tflite model: {_first_line(e)}") from None
         inputs = interpreter.get_input_details()
         outputs = interpreter.get_output_details()
         if len(inputs) != 1 or len(outputs) != 1:
             raise KcompressError(f"models with {len(inputs)} inputs / {len(outputs)} outputs are not supported yet")
-        shape = list(inputs[0]["shape"])
-        if shape and shape[0] != self.batch_size:
-            shape[0] = self.batch_size
-            interpreter.resize_tensor_input(inputs[0]["index"], shape)
+        return interpreter
+
+    def _open(self, model, num_threads, delegates: bool):
+        """An interpreter with the batch axis resized (when the graph allows it) and tensors allocated."""
+        interpreter = self._new(model, num_threads, delegates)
+        detail = interpreter.get_input_details()[0]
+        shape = [int(d) for d in detail["shape"]]
+        if not shape or shape[0] == self.batch_size:
+            interpreter.allocate_tensors()
+            return interpreter
+        try:
+            interpreter.resize_tensor_input(detail["index"], [self.batch_size, *shape[1:]])
+            interpreter.allocate_tensors()
+            out_shape = interpreter.get_output_details()[0]["shape"]
+            resized = len(out_shape) > 0 and int(out_shape[0]) == self.batch_size
+        except (RuntimeError, ValueError) as e:
+            if delegates and _DELEGATE_ERROR.search(str(e)):
+                raise RuntimeError(str(e)) from None  # the delegate's refusal: __init__ retries without it
+            resized = False
+        if resized:
+            return interpreter
+        # The graph is built for its own batch (e.g. a RESHAPE to a constant [1, -1]): run at that batch.
+        self.batch_size, self.fixed_batch = shape[0], True
+        interpreter = self._new(model, num_threads, delegates)
         interpreter.allocate_tensors()
         return interpreter
 

@@ -25,11 +25,12 @@ __all__ = ["measure_baseline", "baseline_run"]
 
 
 def measure_baseline(model, data, options: Optional[BaselineOptions] = None, *, limit: Optional[int] = None,
-                     preprocess=None, **option_fields) -> dict[str, Any]:
+                     preprocess=None, trust_model: bool = False, **option_fields) -> dict[str, Any]:
     """Measures ``model`` (a path or a Keras model) on ``data`` (a spec or a DataSource); returns the baseline dict
-    (see the module docstring). Keywords are fields of :class:`~kcompress.options.BaselineOptions`."""
+    (see the module docstring). Keywords are fields of :class:`~kcompress.options.BaselineOptions`.
+    ``trust_model``: load a model file even with Lambda layers or unregistered classes (files you trust only)."""
     opts = resolve_options(BaselineOptions, options, **option_fields)
-    return baseline_run(model, as_data(data, preprocess), opts, limit=limit)[0]
+    return baseline_run(model, as_data(data, preprocess), opts, limit=limit, trust_model=trust_model)[0]
 
 
 def baseline_run(
@@ -37,12 +38,13 @@ def baseline_run(
     data: DataSource,
     options: Optional[BaselineOptions] = None,
     limit: Optional[int] = None,
+    trust_model: bool = False,
 ) -> tuple[dict[str, Any], Evaluation, bytes]:
     """The baseline dict plus what was made on the way (the Keras evaluation, the fp32 .tflite) for reuse."""
     o = options or BaselineOptions()
     batch_sizes, threads, runs, warmup = o.batch_sizes, o.threads, o.runs, o.warmup
     t_start = time.time()
-    loaded = as_model(model_path_or_model, stage="baseline")
+    loaded = as_model(model_path_or_model, stage="baseline", trust_model=trust_model)
     path, model = loaded.path, loaded.model
     input_bytes = path_size(path) if path else None
     params = count_params(model)

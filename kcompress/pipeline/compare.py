@@ -73,9 +73,11 @@ def _size(model, tfl: Optional[bytes]) -> int:
     return len(tfl)
 
 
-def compare(model_a, model_b, data, *, preprocess=None, limit: Optional[int] = None) -> Comparison:
+def compare(model_a, model_b, data, *, preprocess=None, limit: Optional[int] = None,
+            trust_model: bool = False) -> Comparison:
     """Evaluates both models on ``data`` and compares them (B against A). Models are paths, Keras models or
-    ``.tflite`` bytes; in-memory Keras models are sized as their fp32 ``.tflite``."""
+    ``.tflite`` bytes; in-memory Keras models are sized as their fp32 ``.tflite``. ``trust_model``: load model files
+    even with Lambda layers or unregistered classes (files you trust only)."""
     from kcompress.bench.host import bench_tflite_many
     from kcompress.evaluation import compare as diff
     from kcompress.evaluation import evaluate
@@ -90,7 +92,7 @@ def compare(model_a, model_b, data, *, preprocess=None, limit: Optional[int] = N
             target: Any = as_tflite(model)
             tfl = target
         else:
-            target = as_model(model, stage="compare").model
+            target = as_model(model, stage="compare", trust_model=trust_model).model
             tfl = convert(target)
         ev = evaluate(target, src, limit=limit, description=f"evaluating {os.path.basename(name)}")
         evs.append(ev)

@@ -7,6 +7,7 @@ Every key has a default and a one-line doc (``field(metadata={"doc": ...})``), p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -63,6 +64,10 @@ class RunConfig(Options):
         "doc": "quantization-aware training, when quantize.qat asks for it"})
     benchmark: BenchmarkOptions = field(default_factory=BenchmarkOptions, metadata={"doc": "host benchmark"})
 
+    def _check(self) -> None:
+        if not 0 <= self.seed < 2**31:  # what numpy, TensorFlow and Python's random all accept
+            raise OptionError("seed", f"must be a whole number from 0 to {2**31 - 1}, got {self.seed}")
+
 
 def _build(cls, raw: Any, prefix: str):
     if raw is None:
@@ -73,7 +78,7 @@ def _build(cls, raw: Any, prefix: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
-        where = f"{prefix}{key}"
+        where = f"{prefix}{key if isinstance(key, str) and key.isprintable() and key.strip() == key else repr(key)}"
         if key not in fields:
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix}{near[0]}?)" if near else f" (valid: {', '.join(fields)})"
@@ -101,17 +106,24 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise UsageError(f"override {text!r} is not of the form section.key=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    try:
+        return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as e:
+        raise UsageError(f"override {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """``["prune.epochs=2", "quantize.qat=never"]`` applied to a raw config dict (a deep copy)."""
-    out = json.loads(json.dumps(raw))
+    out = copy.deepcopy(raw)  # (a JSON round trip would choke on YAML's dates and binaries)
+    if overrides and not isinstance(out, dict):
+        raise UsageError(f"config: expected a mapping of keys, got {out!r:.80}")
     for text in overrides:
         keys, value = _parse_override(text)
         node = out
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # absent, or an empty section (``prune:`` alone is null in YAML)
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
                 raise UsageError(f"override {text!r}: {k} is not a section")
         node[keys[-1]] = value

@@ -40,8 +40,10 @@ def recommend(
     max_latency_ms: Optional[float] = None,
     max_drop: float = 2.0,
     preprocess: Optional[dict] = None,
+    trust_model: bool = False,
 ) -> tuple[str, dict[str, Any]]:
-    """Measures the model and returns ``(yaml_text_with_comments, facts)``."""
+    """Measures the model and returns ``(yaml_text_with_comments, facts)``; the model file is loaded safely unless
+    ``trust_model``."""
     from kcompress.bench.host import bench_tflite_many
     from kcompress.bench.schema import speedup as speedup_of
     from kcompress.data import Preprocess, open_data
@@ -52,7 +54,7 @@ def recommend(
 
     if target not in TARGETS:
         raise UsageError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    model = load_model(model_path)
+    model = load_model(model_path, trust_model=trust_model)
     params = count_params(model)["total"]
     pre = {k: tuple(v) if isinstance(v, list) else v for k, v in (preprocess or {}).items()}
     train = open_data(data, Preprocess(**pre))

@@ -17,12 +17,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from kcompress.atomic import atomic_path, atomic_write_bytes, check_output_path
 from kcompress.bench.schema import json_clean, load_report
 from kcompress.errors import KcompressError
 from kcompress.evaluation import probabilities
-from kcompress.io import atomic_write_bytes
 
-__all__ = ["build_report", "write_report", "pareto_front", "read_run", "STAGE_DIRS"]
+__all__ = ["build_report", "write_report", "pareto_front", "read_run", "expand_sweeps", "STAGE_DIRS", "REPORT_FILES"]
+
+# every file write_report may write into its folder
+REPORT_FILES = ("report.json", "report.md", "pareto_size.png", "pareto_latency.png", "per_class_delta.png",
+                "confidence.png")
 
 STAGE_DIRS = {
     "train": "00-train",
@@ -89,10 +93,7 @@ def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
         bench = next((s["metrics"].get("bench") for s in stages if s["stage"] == "benchmark"), None)
         devices = []
         for path in sorted(glob.glob(os.path.join(run_dir, "device*.json"))):
-            try:
-                rep = load_report(path)
-            except (ValueError, KeyError, OSError):
-                continue
+            rep = load_report(path)  # a malformed device*.json: one error naming the file and key, not skipped
             for r in rep.results:
                 devices.append({"file": os.path.basename(path), "device": rep.target.get("model"),
                                 "model": os.path.basename(r.model), "threads": r.threads, "delegate": r.delegate,
@@ -154,8 +155,7 @@ def _plots(report: dict, out_dir: str) -> list[str]:
         ax.legend(loc="lower right")
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, fname), dpi=110)
-        plt.close(fig)
+        _savefig(fig, os.path.join(out_dir, fname))
         written.append(fname)
     last = report["runs"][0]["stages"][-1]
     if last["per_class_delta_points"]:
@@ -166,8 +166,7 @@ def _plots(report: dict, out_dir: str) -> list[str]:
         ax.set_xlabel(f"recall change from baseline (points, {last['split']}), stage {last['stage']}")
         ax.axvline(0, color="black", lw=0.8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "per_class_delta.png"), dpi=110)
-        plt.close(fig)
+        _savefig(fig, os.path.join(out_dir, "per_class_delta.png"))
         written.append("per_class_delta.png")
     outputs = report["runs"][0]["_outputs"]
     if outputs:
@@ -178,10 +177,19 @@ def _plots(report: dict, out_dir: str) -> list[str]:
         ax.set_ylabel(f"{report['runs'][0]['split']} samples")
         ax.legend(loc="upper left")
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "confidence.png"), dpi=110)
-        plt.close(fig)
+        _savefig(fig, os.path.join(out_dir, "confidence.png"))
         written.append("confidence.png")
     return written
+
+
+def _savefig(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path, overwrite=True) as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _markdown(report: dict, plots: list[str]) -> str:
@@ -234,18 +242,47 @@ def _markdown(report: dict, plots: list[str]) -> str:
 
 
 def write_report(run_dirs: Sequence[str], out_dir: Optional[str] = None, overwrite: bool = True) -> dict[str, str]:
-    """Writes report.json, report.md and the plots into ``out_dir`` (default: the first run folder)."""
+    """Writes report.json, report.md and the plots into ``out_dir`` (default: the first run folder), each file
+    atomically. Without ``overwrite`` an existing report file (any of :data:`REPORT_FILES`) is an error raised
+    before anything is written."""
     if not run_dirs:
         raise KcompressError("give at least one run folder")
     out_dir = out_dir or run_dirs[0]
+    report = build_report(expand_sweeps(run_dirs))
+    if os.path.isdir(out_dir):
+        for name in REPORT_FILES:
+            check_output_path(os.path.join(out_dir, name), overwrite)
     os.makedirs(out_dir, exist_ok=True)
-    report = build_report(run_dirs)
     plots = _plots(report, out_dir)
     clean = {"runs": [{k: v for k, v in run.items() if k != "_outputs"} for run in report["runs"]], "plots": plots}
     paths = {"json": os.path.join(out_dir, "report.json"), "md": os.path.join(out_dir, "report.md")}
     for key, text in (("json", json.dumps(json_clean(clean), indent=2)), ("md", _markdown(report, plots))):
         atomic_write_bytes(paths[key], text.encode("utf-8"), overwrite=overwrite)
     return {**paths, **{p: os.path.join(out_dir, p) for p in plots}}
+
+
+def expand_sweeps(run_dirs: Sequence[str]) -> list[str]:
+    """Run folders, with a sweep folder (``kcompress sweep``'s, holding ``sweep.json``) replaced by its trial folders
+    that finished at least one stage (a failed trial's finished stages are reported too)."""
+    out = []
+    for d in run_dirs:
+        if not os.path.isfile(os.path.join(d, "sweep.json")):
+            out.append(d)
+            continue
+        trials = sorted(os.path.join(d, t) for t in os.listdir(d) if os.path.isdir(os.path.join(d, t)) and
+                        os.path.isfile(os.path.join(d, t, "run.json")))
+        finished = [t for t in trials if _has_finished_stage(t)]
+        if not finished:
+            raise KcompressError(f"{d}: a sweep folder without a finished trial stage yet")
+        out.extend(finished)
+    return out
+
+
+def _has_finished_stage(run_dir: str) -> bool:
+    try:
+        return bool(read_run(run_dir))
+    except KcompressError:
+        return False
 
 
 def read_run(run_dir: str) -> list[dict]:

@@ -6,7 +6,9 @@ Stages and their folders under RUN_DIR: ``00-train`` (only with ``model.architec
 outputs, for the report), ``config.yaml`` (the exact config), ``log.txt`` and, written last, ``stage.json``.
 
 Resume: a stage whose ``stage.json`` carries the same chain hash (its own config section hashed together with
-every earlier stage's) is skipped; changing one stage's settings reruns it and everything after it.
+every earlier stage's) is skipped; changing one stage's settings reruns it and everything after it. A stage that
+a kill interrupted continues from its checkpoints (training, distillation, structured-pruning rounds, QAT: see
+:mod:`kcompress.pipeline.stages`) when its settings are unchanged, else starts over.
 Gates: a stage whose accuracy falls more than its ``max_drop`` points below the previous stage, or the run more
 than ``max_drop`` below the baseline, stops the run with :class:`GateFailed`, keeping every artifact. So does a
 prune stage that misses its target (sparsity, or FLOPs) by more than 5 points (``target_met`` in its metrics).
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -36,7 +37,8 @@ from kcompress.pipeline.resume import (
     stage_model,
     started,
 )
-from kcompress.types import PruneMethod, QATPolicy, QuantMode
+from kcompress.pipeline.stages import stage_baseline, stage_distill, stage_prune, stage_quantize, stage_train
+from kcompress.types import QATPolicy
 
 __all__ = ["GateFailed", "StageRecord", "RunResult", "run_pipeline", "execute"]
 
@@ -125,123 +127,6 @@ def _measure(ctx: _Ctx, stage: str, model_or_tflite, path: str, evaluation=None,
     return m, outputs
 
 
-# ------------------------------------------------------------------------------------------------------ stages
-def _stage_train(ctx: _Ctx, model, out_dir: str):
-    from kcompress import zoo as architectures
-    from kcompress.io import save_model
-    from kcompress.train import fit
-
-    mc = ctx.cfg.model
-    shape = ctx.train.sample_shape or (32, 32, 3)
-    build = getattr(architectures, mc.architecture)
-    model = build(input_shape=tuple(shape), num_classes=ctx.train.num_classes)
-    ctx.log(f"training {mc.architecture} for {mc.epochs} epochs on {ctx.train.name}")
-    fit(model, ctx.train, ctx.val, epochs=mc.epochs, batch_size=mc.batch_size, lr=mc.rate(ctx.cfg.train.optimizer),
-        seed=ctx.cfg.seed,
-        train_options=ctx.cfg.train, log=ctx.log)
-    path = os.path.join(out_dir, "model.keras")
-    save_model(model, path, overwrite=True)
-    return model, path, {}, {}
-
-
-def _stage_baseline(ctx: _Ctx, model, out_dir: str):
-    from kcompress.io import save_model
-    from kcompress.pipeline.baseline import baseline_run
-
-    record, evaluation, fp32 = baseline_run(model, ctx.val, ctx.cfg.baseline)
-    _write_json(os.path.join(out_dir, "baseline.json"), record)
-    path = os.path.join(out_dir, "model.keras")
-    save_model(model, path, overwrite=True)
-    return model, path, {"flops": record["flops"]}, {"evaluation": evaluation, "fp32": fp32}
-
-
-def _stage_distill(ctx: _Ctx, model, out_dir: str):
-    from kcompress.distillation.trainer import distill
-    from kcompress.io import load_model, save_model
-
-    c = ctx.cfg.distill
-    student = load_model(c.student, stage="distill") if c.student else c.student_width
-    ckpt = os.path.join(out_dir, "checkpoints")
-    resume = ctx.resume_stage and os.path.exists(os.path.join(ckpt, "state.json"))
-    if resume:
-        ctx.log(f"continuing the interrupted distillation from {ckpt}")
-    elif os.path.isdir(ckpt):
-        shutil.rmtree(ckpt)  # checkpoints of other settings: this run starts over
-    result = distill(model, student, ctx.train, ctx.val, c, seed=ctx.cfg.seed, checkpoint_dir=ckpt, resume=resume,
-                     train_options=ctx.cfg.train, log=ctx.log)
-    path = os.path.join(out_dir, "model.keras")
-    save_model(result.student, path, overwrite=True)
-    extra = {"teacher_params": result.teacher_params, "student_params": result.student_params,
-             "best_epoch": result.best_epoch, "warnings": list(result.warnings)}
-    return result.student, path, extra, {}
-
-
-def _stage_prune(ctx: _Ctx, model, out_dir: str):
-    from kcompress.io import save_model
-
-    c = ctx.cfg.prune
-    if c.method == PruneMethod.MAGNITUDE:
-        from kcompress.pruning.magnitude import prune_magnitude
-
-        result = prune_magnitude(model, ctx.train, ctx.val, c, seed=ctx.cfg.seed, train_options=ctx.cfg.train,
-                                 log=ctx.log)
-        extra = {"method": "magnitude", "overall_sparsity": result.overall_sparsity, "pruned_layers": result.pruned,
-                 "warnings": list(result.warnings), "target_met": result.target_met, "flattened": result.flattened,
-                 "shortfall": "" if result.target_met else
-                 f"sparsity {result.overall_sparsity:.1%} of the pruned kernels, target {result.target:.0%}"}
-    else:
-        from kcompress.pruning.structured import prune_structured
-
-        result = prune_structured(model, ctx.train, ctx.val, c, seed=ctx.cfg.seed, train_options=ctx.cfg.train,
-                                  log=ctx.log)
-        extra = {"method": "structured", "macs_before": result.macs_before, "macs_after": result.macs_after,
-                 "params_before": result.params_before, "params_after": result.params_after,
-                 "removed_blocks": result.staged.get("removed_blocks", []), "latency": result.staged.get("latency"),
-                 "warnings": list(result.staged.get("notes", [])), "target_met": result.target_met,
-                 "shortfall": result.shortfall, "flattened": result.flattened}
-        for note in extra["warnings"]:
-            ctx.log(f"note: {note}")
-    path = os.path.join(out_dir, "model.keras")
-    save_model(result.model, path, overwrite=True)
-    return result.model, path, extra, {}
-
-
-def _stage_quantize(ctx: _Ctx, model, out_dir: str, prev_accuracy: float):
-    """PTQ first; QAT when PTQ misses max_drop (qat: auto) or always; keeps the better on VAL."""
-    from kcompress.evaluation import evaluate
-    from kcompress.modelinfo import input_shape
-    from kcompress.quantization.ptq import convert
-    from kcompress.quantization.sensitivity import choose_float_layers
-
-    c = ctx.cfg.quantize
-    opts, _ = choose_float_layers(model, c, ctx.train, ctx.val, log=ctx.log)
-    ptq = convert(model, opts, calibration=ctx.calibration(input_shape(model)))
-    ptq_ev = evaluate(ptq, ctx.val, description="validating PTQ")
-    ptq_acc = ptq_ev.accuracy
-    drop = 100 * (prev_accuracy - ptq_acc)
-    ctx.log(f"PTQ {c.mode}: {100 * ptq_acc:.2f}% ({-drop:+.2f} points against the previous stage)")
-    extra: dict[str, Any] = {"ptq_accuracy": ptq_acc, "method": "ptq", "mode": str(c.mode),
-                             "float_layers": list(opts.float_layers)}
-    chosen, chosen_ev = ptq, ptq_ev
-    want_qat = c.mode == QuantMode.INT8 and (
-        c.qat == QATPolicy.ALWAYS or (c.qat == QATPolicy.AUTO and drop > c.max_drop))
-    if want_qat:
-        from kcompress.quantization.qat import qat
-
-        ctx.log("running quantization-aware training" + (" (PTQ missed the stage's floor)" if c.qat == "auto" else ""))
-        result = qat(model, ctx.train, ctx.val, ctx.cfg.qat, opts, seed=ctx.cfg.seed, ptq=False, bench=False,
-                     log=ctx.log, train_options=ctx.cfg.train)
-        qat_ev = result.evaluation  # the QAT .tflite in LiteRT on ctx.val, as qat() measured it
-        qat_acc = extra["qat_accuracy"] = qat_ev.accuracy
-        if qat_acc > ptq_acc:
-            chosen, chosen_ev, extra["method"] = result.tflite, qat_ev, "qat"
-        ctx.log(f"QAT int8: {100 * qat_acc:.2f}%; keeping {extra['method'].upper()}")
-    extra["accuracy"] = max(ptq_acc, extra.get("qat_accuracy", -1.0))
-    if ctx.baseline_accuracy is not None:
-        extra["baseline_accuracy"] = ctx.baseline_accuracy
-    return chosen, extra, chosen_ev
-
-
 def _with_metadata(ctx: _Ctx, tfl: bytes, records: list[StageRecord], extra: dict) -> bytes:
     """The final .tflite with kcompress's metadata: how to feed it (preprocessing, class names), the stages with
     their settings and accuracies (VAL, and TEST when there is one), and the config hash."""
@@ -318,9 +203,12 @@ class RunResult:
 
 
 def run_pipeline(config, run_dir: Optional[str] = None, overrides=(), resume: bool = False,
-                 log: Callable[[str], None] = print, report: bool = True) -> RunResult:
+                 log: Callable[[str], None] = print, report: bool = True, trust_model: bool = False) -> RunResult:
     """Runs a pipeline: ``config`` is a YAML path, a dict or a RunConfig; ``overrides`` are ``section.key=value``
-    strings; ``run_dir`` defaults to ``runs/<name>``. Raises GateFailed when a stage loses more than allowed."""
+    strings; ``run_dir`` defaults to ``runs/<name>``. Raises GateFailed when a stage loses more than allowed.
+    ``trust_model``: load ``model.path`` and ``distill.student`` even with Lambda layers or unregistered classes
+    (files you trust only); deliberately not a config key, so a shared config cannot vouch for its own model."""
+    from kcompress.io import trusting_models
     from kcompress.pipeline.config import apply_overrides, config_from_dict, load_config
 
     if isinstance(config, RunConfig):
@@ -329,8 +217,13 @@ def run_pipeline(config, run_dir: Optional[str] = None, overrides=(), resume: bo
         cfg = config_from_dict(apply_overrides(config, list(overrides)))
     else:
         cfg, _ = load_config(str(config), list(overrides))
+    from kcompress.distributed import distribute_early, worker_path
+
+    distribute_early(cfg.train.strategy)  # multi-worker: before any model is loaded
     run_dir = run_dir or os.path.join("runs", cfg.name)
-    records = execute(cfg, run_dir, resume=resume, log=log)
+    with trusting_models(trust_model):
+        records = execute(cfg, run_dir, resume=resume, log=log)
+    run_dir = worker_path(run_dir)  # where execute wrote: a temporary folder on a non-chief worker
     paths: dict = {}
     if report:
         from kcompress.pipeline.report import write_report
@@ -346,13 +239,16 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
     The resume chain starts from the model file's and the data's content (not their paths), so retraining
     ``model.keras`` in place reruns every stage; ``run.json`` lists this run's stages, so the report leaves out the
     folders of stages a later config disabled."""
-    from kcompress.io import atomic_write_bytes, load_model, write_json
+    from kcompress.distributed import distribute_early, worker_path
+    from kcompress.io import atomic_path, atomic_write_bytes, atomic_write_text, load_model, write_json
 
+    distribute_early(cfg.train.strategy)  # multi-worker: before any model is loaded
+    run_dir = worker_path(run_dir, copy=resume)  # a non-chief worker runs in a temporary copy (deleted at exit)
     if os.path.exists(run_dir) and os.listdir(run_dir) and not resume:
         raise KcompressError(f"{run_dir} exists and is not empty; pass --resume to continue it or choose another -o")
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(f"# config hash {config_hash(cfg)}\n" + dump_yaml(cfg))
+    atomic_write_text(os.path.join(run_dir, "config.yaml"), f"# config hash {config_hash(cfg)}\n" + dump_yaml(cfg),
+                      overwrite=True)
     ctx = _Ctx(cfg, run_dir, log)
     log(f"data: {ctx.splits.describe()}")
     plan = ["train"] if cfg.model.architecture else []
@@ -401,7 +297,7 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
                 model = load_model(model)
             prev_acc = records[-1].metrics["accuracy"] if records else None
             if stage == "quantize":
-                tfl, extra, evaluation = _stage_quantize(ctx, model, sdir, prev_acc)
+                tfl, extra, evaluation = stage_quantize(ctx, model, sdir, prev_acc)
                 plain = len(tfl)
                 tfl = _with_metadata(ctx, tfl, records, extra)
                 path = os.path.join(sdir, "model.tflite")
@@ -412,19 +308,19 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
                     metrics[key] = records[-1].metrics.get(key)
                 produced = path
             else:
-                fn = {"train": _stage_train, "baseline": _stage_baseline, "distill": _stage_distill,
-                      "prune": _stage_prune}[stage]
+                fn = {"train": stage_train, "baseline": stage_baseline, "distill": stage_distill,
+                      "prune": stage_prune}[stage]
                 model, produced, extra, known = fn(ctx, model, sdir)
                 metrics, outputs = _measure(ctx, stage, model, produced, **known)
             metrics.update(extra)
             metrics["seconds"] = round(time.time() - t0, 1)
             metrics["config_hash"] = config_hash(cfg)
             _write_json(os.path.join(sdir, "metrics.json"), metrics)
-            np.savez_compressed(os.path.join(sdir, "outputs.npz"), **outputs)
-            with open(os.path.join(sdir, "config.yaml"), "w", encoding="utf-8") as f:
-                f.write(f"# config hash {config_hash(cfg)}; stage {stage}\n" + dump_yaml(cfg))
-            with open(os.path.join(sdir, "log.txt"), "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+            with atomic_path(os.path.join(sdir, "outputs.npz"), overwrite=True) as tmp:
+                np.savez_compressed(tmp, **outputs)
+            atomic_write_text(os.path.join(sdir, "config.yaml"),
+                              f"# config hash {config_hash(cfg)}; stage {stage}\n" + dump_yaml(cfg), overwrite=True)
+            atomic_write_text(os.path.join(sdir, "log.txt"), "\n".join(lines) + "\n", overwrite=True)
             _write_json(os.path.join(sdir, "stage.json"),
                         {"stage": stage, "chain": chain, "config_hash": config_hash(cfg),
                          "model_file": os.path.relpath(produced, sdir), "finished": time.time()})

@@ -109,22 +109,30 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
           method: Optional[str] = None,
           options: Optional[PruneOptions] = None, preprocess=None, seed: int = 0, measure: bool = True, verbose: Optional[int] = None,
           log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None,
-          **option_fields) -> PruneResult:
+          trust_model: bool = False, checkpoint_dir: Optional[str] = None, resume: bool = False,
+          overwrite_checkpoints: bool = False, **option_fields) -> PruneResult:
     """Prunes ``model`` with fine-tuning on ``train`` (best epoch chosen on ``val`` when given).
 
     Keywords are fields of :class:`~kcompress.options.PruneOptions` (``target_flops=0.5``, ``sparsity=0.8``,
     ``block="2:4"`` ...). ``measure=False`` skips the before/after conversion and timing. ``train_options``:
     the fine-tunes' optimizer, schedule and augmentation (:class:`~kcompress.options.TrainOptions`).
+    ``trust_model``: load a model file even with Lambda layers or unregistered classes (files you trust only).
+    ``checkpoint_dir`` (structured pruning): the model after each round and each fine-tune epoch; ``resume``
+    continues from them, ``overwrite_checkpoints`` starts over (otherwise an earlier run's checkpoints are an
+    error), as in ``distill``.
     """
     import warnings
 
     from kcompress.data import check_fits
+    from kcompress.distributed import distribute_early, worker_path
     from kcompress.modelinfo import input_shape, num_classes
 
     opts = resolve_options(PruneOptions, options, method=method, **option_fields)
     topts = resolve_options(TrainOptions, train_options)
+    distribute_early(topts.strategy)  # multi-worker: before any model is loaded
+    checkpoint_dir = worker_path(checkpoint_dir, copy=resume) if checkpoint_dir else None  # the chief's only
     preprocess = preprocess_of(train, preprocess)
-    m = as_model(model, stage="prune")
+    m = as_model(model, stage="prune", trust_model=trust_model)
     tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess,
                            train_limit=train_limit)
     for d in (tr, va, te):
@@ -135,7 +143,12 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
     if structured:
         from kcompress.pruning.structured import prune_structured
 
-        r = prune_structured(m.model, tr, va, opts, seed=seed, verbose=verbose, train_options=topts, log=log)
+        if checkpoint_dir and overwrite_checkpoints and not resume:  # else an earlier run's are refused
+            import shutil
+
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        r = prune_structured(m.model, tr, va, opts, seed=seed, verbose=verbose, train_options=topts, log=log,
+                             checkpoint_dir=checkpoint_dir, resume=resume)
         details = {"groups": r.groups, "frozen": r.frozen, "rounds": r.rounds,
                    "removed_blocks": r.staged.get("removed_blocks", []), "latency": r.staged.get("latency"),
                    "target_met": r.target_met, "shortfall": r.shortfall, "flattened": r.flattened}

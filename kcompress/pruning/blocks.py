@@ -256,6 +256,17 @@ class Staged:
                               "reached_ms": reached, "reached": reached <= self.target_ms, "timings": self.timings}
         return out
 
+    def state(self) -> dict:
+        """What a resumed run needs to carry on (JSON): blocks removed, notes, timings, the current latency."""
+        return {"removed": self.removed, "notes": self.notes, "timings": self.timings,
+                "now": list(self._now) if self._now is not None else None}
+
+    def restore(self, state: dict) -> None:
+        """Takes back :meth:`state` (of a run with the same settings, checked by the caller)."""
+        self.removed, self.notes, self.timings = list(state["removed"]), list(state["notes"]), list(state["timings"])
+        self._now = tuple(state["now"]) if state.get("now") is not None else None
+        self._cache = (None, None)
+
     # ------------------------------------------------------------------------------------------------ a round
     def step(self, model, i: int, k: int, macs0: int):
         """Round ``i`` of ``k``: the model pruned to this round's FLOPs or latency goal (not fine-tuned)."""

@@ -18,6 +18,8 @@ never modified.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -202,30 +204,41 @@ class StructuredResult:
 def prune_structured(model, train: Optional[DataSource] = None, val: Optional[DataSource] = None,
                      options: Optional[PruneOptions] = None, seed: int = 0,
                      verbose: Optional[int] = None, train_options: Optional[TrainOptions] = None,
-                     log: Optional[Callable[[str], None]] = None) -> StructuredResult:
+                     log: Optional[Callable[[str], None]] = None, checkpoint_dir: Optional[str] = None,
+                     resume: bool = False) -> StructuredResult:
     """Removes channels in ``options.num_rounds()`` rounds, fine-tuning on ``train`` between rounds (half LR) and
     after the last (full LR), each with the ``train_options`` recipe, keeping its best epoch by VAL accuracy;
-    ``epochs=0`` skips training. Whole blocks and latency targets: :mod:`kcompress.pruning.blocks`."""
+    ``epochs=0`` skips training. Whole blocks and latency targets: :mod:`kcompress.pruning.blocks`.
+
+    ``checkpoint_dir``: the model after each round's pruning step and after its fine-tune, and each fine-tune
+    epoch (:mod:`kcompress.checkpoint`); ``resume`` continues with the round (and epoch) where a killed run
+    stopped, with what the earlier rounds removed and measured. Other settings than the checkpoint's are refused."""
     from kcompress.evaluation import evaluate
     from kcompress.pruning.blocks import Staged
-    from kcompress.train import fit
 
-    staged = Staged.of(options or PruneOptions(), seed, train, val, log)  # None: channels only, by MACs or ratio
-    options = _Plan.of(options or PruneOptions(), seed, train_options.optimizer if train_options else None)
+    given = options or PruneOptions()
+    staged = Staged.of(given, seed, train, val, log)  # None: channels only, by MACs or ratio
+    options = _Plan.of(given, seed, train_options.optimizer if train_options else None)
     model, nesting = flatten_model(_functional(model), with_nesting=True)
     if nesting and log is not None:
         log(nesting.describe())
     macs0 = count_macs(model)
     k = options.num_rounds()
     before = evaluate(model, val, description="accuracy before").accuracy if val is not None else None
-    current, rounds = model, []
+    ckpt = _Rounds.open(checkpoint_dir, resume, model, given, seed, train, val, train_options, staged, log)
+    current, rounds, first, pending = model, [], 1, None
+    if ckpt is not None and ckpt.state is not None:
+        current, rounds, first, pending = ckpt.restore(model)
     # epochs split over the rounds, the remainder going to the last rounds (the final model needs them most)
     per_round = [options.epochs // k + (1 if i >= k - options.epochs % k else 0) for i in range(k)]
     if log is not None and train is not None:
         log(f"{k} round(s) of pruning; the {options.epochs} fine-tuning epoch(s) are spent as {per_round} "
             "(earlier rounds at half the learning rate); each round keeps its best epoch by VAL accuracy")
-    for i in range(1, k + 1):
-        if staged is not None:
+    for i in range(first, k + 1):
+        continuing = pending is not None  # this round's pruning step was done before the kill
+        if continuing:
+            current, pending = pending, None
+        elif staged is not None:
             current = staged.step(current, i, k, macs0)
         elif options.ratio is not None:
             # ratio/k of the original channels per round, as a fraction of what is left
@@ -234,13 +247,21 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
         else:
             target = int(macs0 * (1 - options.target_flops * i / k))
             current, graph = prune_once(current, options, target_macs=target, data=train)
+        if ckpt is not None and not continuing:
+            ckpt.pruned(i, current, rounds)
         info = {"round": i, "macs": count_macs(current), "params": count_params(current)["total"]}
         if train is not None and per_round[i - 1] > 0:
+            from kcompress.checkpoint import fit_resumable
+
             lr = options.lr if i == k else options.lr / 2
-            hist = fit(current, train, val, epochs=per_round[i - 1], batch_size=options.batch_size, lr=lr,
-                       seed=options.seed + i, verbose=verbose, train_options=train_options, log=log)
-            info["val_accuracy"] = max(hist.history.get("val_accuracy", [float("nan")]))
+            tuned = fit_resumable(current, train, val, checkpoint_dir=ckpt.fit_dir(i, continuing) if ckpt else None,
+                                  resume=continuing, fingerprint={"round": i}, what=f"round {i} fine-tune",
+                                  epochs=per_round[i - 1], batch_size=options.batch_size, lr=lr,
+                                  seed=options.seed + i, verbose=verbose, train_options=train_options, log=log)
+            info["val_accuracy"] = tuned.best if tuned.best is not None else float("nan")
         rounds.append(info)
+        if ckpt is not None:
+            ckpt.finished(i, current, rounds)
         if log is not None:
             acc = f", VAL accuracy {100 * info['val_accuracy']:.2f}%" if "val_accuracy" in info else ""
             log(f"round {i}/{k}: {info['macs'] / macs0:.0%} of the MACs left{acc}")
@@ -275,6 +296,77 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
         macs_before=macs0, macs_after=macs1, accuracy_before=before, accuracy_after=after,
         rounds=rounds, staged=report, target_met=met, shortfall=short, flattened=dict(nesting.models),
     )
+
+
+class _Rounds:
+    """The checkpoints of :func:`prune_structured`'s rounds in one folder: ``state.json`` (rounds done, their
+    figures, what :class:`~kcompress.pruning.blocks.Staged` removed and timed) naming ``round-I/`` (the model after
+    round I) or, mid-round, ``round-I-pruned/`` (after its pruning step) with ``round-I-fit/`` (its fine-tune's
+    epochs). Models are written before the state that names them, so a kill leaves a consistent checkpoint."""
+
+    def __init__(self, folder: str, state: Optional[dict], identity: dict, staged, log):
+        self.dir, self.state, self.identity, self.staged, self.log = folder, state, identity, staged, log
+
+    @classmethod
+    def open(cls, folder, resume, model, options: PruneOptions, seed, train, val, train_options, staged, log):
+        if not folder:
+            if resume:
+                raise UsageError("--resume needs a checkpoint folder")
+            return None
+        from kcompress.checkpoint import data_identity, read_state, weights_fingerprint
+
+        identity = {"what": "structured pruning", "model": weights_fingerprint(model), "seed": seed,
+                    "options": {k: v for k, v in options.to_dict().items() if k != "max_drop"},
+                    "train_options": train_options.to_dict() if train_options else None,
+                    "train": data_identity(train), "val": data_identity(val)}
+        state = read_state(folder, resume, identity, "structured pruning")
+        return cls(folder, state, identity, staged, log)
+
+    def restore(self, model):
+        """``(current model, rounds, first round to run, the pruned model of a round cut short or None)``."""
+        from kcompress.checkpoint import load_architecture
+
+        st = self.state
+        if self.staged is not None and st.get("staged") is not None:
+            self.staged.restore(st["staged"])
+        current = load_architecture(os.path.join(self.dir, st["model"]), model) if st.get("model") else model
+        pending = st.get("pending")
+        pruned = load_architecture(os.path.join(self.dir, pending), model) if pending else None
+        if self.log is not None:
+            cut = f"; round {st['rounds_done'] + 1} continues after its pruning step" if pending else ""
+            self.log(f"continuing the interrupted pruning from {self.dir}: {st['rounds_done']} round(s) done{cut}")
+        return current, list(st["rounds"]), st["rounds_done"] + 1, pruned
+
+    def fit_dir(self, i: int, continuing: bool) -> str:
+        path = os.path.join(self.dir, f"round-{i}-fit")
+        if not continuing and os.path.isdir(path):
+            shutil.rmtree(path)  # not named by state.json: an interrupted write's leftovers
+        return path
+
+    def _commit(self, rounds_done: int, rounds: list, model: Optional[str], pending: Optional[str]) -> None:
+        from kcompress.checkpoint import write_state
+
+        write_state(self.dir, {"fingerprint": self.identity, "rounds_done": rounds_done, "rounds": rounds,
+                               "model": model, "pending": pending,
+                               "staged": self.staged.state() if self.staged is not None else None})
+        self.state = {"model": model, "pending": pending}
+
+    def pruned(self, i: int, model, rounds: list) -> None:
+        """Round ``i``'s pruning step is done: its model, before the fine-tune."""
+        from kcompress.checkpoint import save_architecture
+
+        save_architecture(model, os.path.join(self.dir, f"round-{i}-pruned"))
+        self._commit(i - 1, rounds, (self.state or {}).get("model"), f"round-{i}-pruned")
+
+    def finished(self, i: int, model, rounds: list) -> None:
+        """Round ``i`` is done (fine-tuned); earlier rounds' files go."""
+        from kcompress.checkpoint import save_architecture
+
+        save_architecture(model, os.path.join(self.dir, f"round-{i}"))
+        self._commit(i, rounds, f"round-{i}", None)
+        for entry in os.listdir(self.dir):
+            if entry.startswith("round-") and entry != f"round-{i}":
+                shutil.rmtree(os.path.join(self.dir, entry), ignore_errors=True)
 
 
 def _frozen_text(graph: ChannelGraph, macs0: int, top: int = 3) -> str:

@@ -125,10 +125,12 @@ class QuantizeResult:
 
 def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_data=None, test_split: float = 0.0,
              options: Optional[QuantizeOptions] = None, preprocess=None, limit: Optional[int] = None, seed: int = 0, log: Callable[[str], None] = _quiet,
-             **option_fields) -> QuantizeResult:
+             trust_model: bool = False, **option_fields) -> QuantizeResult:
     """Post-training quantization of ``model`` to a ``.tflite``, calibrated on ``data`` and checked in LiteRT.
 
-    ``model``: a path (Keras 2/3 file, SavedModel, or a Keras 3 ``model.export()`` folder) or a Keras model.
+    ``model``: a path (Keras 2/3 file, SavedModel, or a Keras 3 ``model.export()`` folder) or a Keras model; a
+    file with ``Lambda`` layers or unregistered custom classes is refused unless ``trust_model=True`` (as in every
+    function that takes a model path; see :func:`kcompress.io.load_model`).
     ``data``: calibration data (a spec or a DataSource); evaluation is on ``val_data`` when given, else on ``data``.
     Settings come from ``options`` and/or keywords of :class:`~kcompress.options.QuantizeOptions` (``mode="int8"``,
     ``float_layers=("auto",)``, ``max_drop=0.3`` ...). ``limit`` evaluates a stratified, seeded subset only.
@@ -159,7 +161,7 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
         reference = TFLiteModel(fp32)
         shape, classes = reference.input_shape, int(reference.output["shape"][-1])
     else:
-        source = as_model(model, stage="quantize").model
+        source = as_model(model, stage="quantize", trust_model=trust_model).model
         shape, classes = input_shape(source), num_classes(source)
         fp32 = None
     src, val, test = as_splits(data, val_data, test_data, test_split=test_split, seed=seed, preprocess=preprocess)
@@ -192,7 +194,9 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
 def qat(model, data, *, val_data=None, test_data=None, test_split: float = 0.0, train_limit: Optional[int] = None,
         options: Optional[QATOptions] = None,
         quantize: Optional[QuantizeOptions] = None, preprocess=None, seed: int = 0, bench: bool = True,
-        log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None, **option_fields):
+        log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None, trust_model: bool = False,
+        checkpoint_dir: Optional[str] = None, resume: bool = False, overwrite_checkpoints: bool = False,
+        **option_fields):
     """Quantization-aware training of ``model`` on ``data``, exported to int8 and compared with fp32 and PTQ int8
     on ``val_data`` (default: ``data``). Returns :class:`~kcompress.quantization.qat.QATResult`.
 
@@ -201,21 +205,31 @@ def qat(model, data, *, val_data=None, test_data=None, test_split: float = 0.0, 
     ``test_data`` (or ``test_split`` of ``data``): TEST, chose nothing; the fp32 model and the QAT ``.tflite`` are
     measured on it afterwards (``result.test``). ``train_options``: the fine-tune's optimizer, schedule and
     augmentation (:class:`~kcompress.options.TrainOptions`, the ``train`` section).
+    ``checkpoint_dir``: per-epoch checkpoints of the fine-tune; ``resume`` continues from them,
+    ``overwrite_checkpoints`` starts over (otherwise an earlier run's checkpoints are an error), as in ``distill``.
     """
+    from kcompress.distributed import distribute_early, worker_path
     from kcompress.quantization.qat import qat as run_qat
     from kcompress.quantization.sensitivity import choose_float_layers
 
     opts = resolve_options(QATOptions, options, **option_fields)
     topts = resolve_options(TrainOptions, train_options)
+    distribute_early(topts.strategy)  # multi-worker: before any model is loaded
+    checkpoint_dir = worker_path(checkpoint_dir, copy=resume) if checkpoint_dir else None  # the chief's only
     preprocess = preprocess_of(data, preprocess)
     q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8)
-    m = as_model(model, stage="qat").model
+    m = as_model(model, stage="qat", trust_model=trust_model).model
     train, val, test = as_splits(data, val_data, test_data, test_split=test_split, seed=seed, preprocess=preprocess,
                                  train_limit=train_limit)
     if q.auto_float_layers:
         log(f"choosing float layers (max drop {q.max_drop} points on VAL) ...")
     q, plan = choose_float_layers(m, q, train, val or train, log=log)
-    result = run_qat(m, train, val, opts, q, seed=seed, bench=bench, log=log, train_options=topts)
+    if checkpoint_dir and overwrite_checkpoints and not resume:  # else an earlier run's checkpoints are refused
+        import shutil
+
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    result = run_qat(m, train, val, opts, q, seed=seed, bench=bench, log=log, train_options=topts,
+                     checkpoint_dir=checkpoint_dir, resume=resume)
     if plan is not None:
         result.info["float_layer_plan"] = plan
     from dataclasses import replace
@@ -249,12 +263,12 @@ class SensitivityResult:
 
 
 def sensitivity(model, data, *, samples: int = 256, preprocess=None,
-                log: Callable[[str], None] = _quiet) -> SensitivityResult:
+                log: Callable[[str], None] = _quiet, trust_model: bool = False) -> SensitivityResult:
     """Quantizes one layer at a time to int8 and ranks the layers by the model's output SQNR (lowest first)."""
     from kcompress.quantization.sensitivity import sensitivity as run
 
     if samples < 1:
         raise UsageError("samples must be at least 1")
     src = as_data(data, preprocess)
-    rows = run(as_model(model, stage="sensitivity").model, src, samples=samples, log=log)
+    rows = run(as_model(model, stage="sensitivity", trust_model=trust_model).model, src, samples=samples, log=log)
     return SensitivityResult(describe(model), src.name, samples, tuple(rows))

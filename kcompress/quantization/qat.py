@@ -258,6 +258,8 @@ def qat(
     verbose: Optional[int] = None,
     log=print,
     train_options: Optional[TrainOptions] = None,
+    checkpoint_dir: Optional[str] = None,
+    resume: bool = False,
 ) -> QATResult:
     """Fine-tunes ``model`` with QAT on ``train``, exports int8, and compares fp32 / PTQ int8 / QAT int8 on VAL.
 
@@ -265,11 +267,13 @@ def qat(
     ``val`` defaults to ``train`` (then the accuracies are training accuracies: pass VAL data).
     ``log`` receives progress lines (``print`` by default; pass ``lambda s: None`` to silence).
     ``train_options``: the fine-tune's optimizer, schedule and augmentation (the ``train`` section).
+    ``checkpoint_dir``: per-epoch checkpoints of the fine-tune (the QAT model's weights, its quantizers' ranges and
+    the optimizer); ``resume`` rebuilds the same QAT model, loads the last one and continues at the next epoch
+    (:mod:`kcompress.checkpoint`; other settings than the checkpoint's are refused).
     """
     from kcompress.evaluation import evaluate
     from kcompress.modelinfo import input_shape
     from kcompress.quantization.ptq import convert
-    from kcompress.train import fit
 
     options = options or QATOptions()
     q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8)
@@ -300,6 +304,7 @@ def qat(
         ptq_tfl = convert(model, q, calibration=calib)
         row("PTQ int8", evaluate(ptq_tfl, val, description="PTQ int8 (LiteRT)").accuracy, ptq_tfl)
 
+    keras.utils.set_random_seed(seed)  # the QAT model's random layers (dropout) are seeded: runs are reproducible
     qmodel, info = qat_model(model, q.float_layers, q.per_channel, options.preserve_sparsity)
     info["float_layers"] = list(q.float_layers)
     log(
@@ -308,15 +313,28 @@ def qat(
     )
     calibrate(qmodel, train)
     if options.epochs > 0:
+        from kcompress.checkpoint import data_identity, fit_resumable, weights_fingerprint
+
         from_logits = not _ends_in_softmax(model)
+        topts = train_options or TrainOptions()
+        # what the fine-tune's checkpoints depend on (epochs is added by fit_resumable)
+        identity = {"what": "qat", "model": weights_fingerprint(model), "float_layers": list(q.float_layers),
+                    "per_channel": q.per_channel, "preserve_sparsity": options.preserve_sparsity,
+                    "lr": options.rate(topts.optimizer), "batch_size": options.batch_size, "seed": seed,
+                    "train_options": topts.to_dict(), "train": data_identity(train),
+                    "val": data_identity(val) if options.epochs > 1 else None}
         t0 = time.time()
-        fit(
+        fit_resumable(
             qmodel,
             train,
             val if options.epochs > 1 else None,  # one epoch: no best epoch to pick; VAL is measured right after
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            fingerprint=identity,
+            what="QAT fine-tune",
             epochs=options.epochs,
             batch_size=options.batch_size,
-            lr=options.rate((train_options or TrainOptions()).optimizer),
+            lr=options.rate(topts.optimizer),
             seed=seed,
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits),
             recalibrate_bn=False,  # BatchNorm is folded into the convolutions' fake-quant scheme here
