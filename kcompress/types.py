@@ -24,6 +24,9 @@ __all__ = [
     "Target",
     "Architecture",
     "Delegate",
+    "Sampler",
+    "SweepBackend",
+    "Objective",
 ]
 
 
@@ -149,3 +152,26 @@ class Delegate(StrEnum):
     XNNPACK = "xnnpack"
     GPU = "gpu"
     NNAPI = "nnapi"
+
+
+class Sampler(StrEnum):
+    """How ``kcompress sweep`` picks its trials (Optuna samplers)."""
+
+    GRID = "grid"  # every combination of the listed values
+    RANDOM = "random"
+    NSGA2 = "nsga2"  # multi-objective genetic search; the default when the space has a continuous range
+
+
+class SweepBackend(StrEnum):
+    """Where a sweep's trials run."""
+
+    LOCAL = "local"  # processes on this machine
+    RAY = "ray"  # Ray tasks (a local instance, or the cluster at --address)
+
+
+class Objective(StrEnum):
+    """What a sweep's Pareto front trades off."""
+
+    ACCURACY = "accuracy"
+    SIZE = "size"
+    LATENCY = "latency"

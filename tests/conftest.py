@@ -1,6 +1,9 @@
 """Shared fixtures: one digits CNN trained once per session, real data from scikit-learn."""
 
 
+import hashlib
+import os
+
 import numpy as np
 import pytest
 
@@ -155,3 +158,14 @@ def _profiled_mac_flops(graph, frozen, library) -> int:
             flops += _profiled_mac_flops(sized, None, library)
     assert seen == in_graph, f"the profiler counted {seen} of the graph's {in_graph}"
     return flops
+
+
+def tree_hashes(root) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``root``: did anything there change?"""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out

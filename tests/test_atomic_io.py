@@ -2,7 +2,6 @@
 overwritten without --overwrite."""
 
 import contextlib
-import hashlib
 import os
 import stat
 import subprocess
@@ -12,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import run_cli
+from conftest import tree_hashes as hashes
 
 from kcompress.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from kcompress.backend import keras
@@ -35,16 +35,6 @@ def modes(root: str) -> dict[str, int]:
         for name in dirs + files:
             p = os.path.join(base, name)
             out[os.path.relpath(p, root)] = stat.S_IMODE(os.lstat(p).st_mode)
-    return out
-
-
-def hashes(root: str) -> dict[str, str]:
-    out = {}
-    for base, _, files in os.walk(root):
-        for name in files:
-            p = os.path.join(base, name)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, root)] = hashlib.sha256(f.read()).hexdigest()
     return out
 
 

@@ -3,7 +3,6 @@ not caught by the runner) and must give one ``Error:`` line, the documented exit
 error), no traceback, no crash file, and leave every existing file byte for byte as it was. Plus the exit-3
 contract for kcompress's own bugs, and the fixed-batch ``.tflite`` that used to crash ``evaluate``."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import run_cli
+from conftest import tree_hashes as _files
 
 USER, USAGE, BUG = 1, 2, 3
 
@@ -147,16 +147,6 @@ def corpus(tmp_path_factory):
     (run / "01-baseline" / "stage.json").write_text("{}")
     (run / "01-baseline" / "metrics.json").write_text('{"kind": "keras", "accuracy": 0.9, "size_bytes": 1000}')
     return root
-
-
-def _files(root) -> dict[str, str]:
-    out = {}
-    for folder, _, names in os.walk(root):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def _one_error(result, code, crash_dir, match=None):

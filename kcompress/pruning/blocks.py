@@ -47,7 +47,8 @@ from kcompress.data import DataSource
 from kcompress.errors import UsageError
 from kcompress.modelinfo import count_macs, input_shape, macs_by_layer
 from kcompress.options import PruneOptions
-from kcompress.pruning.structured import _functional, _Plan, prune_once
+from kcompress.pruning.channels import as_functional
+from kcompress.pruning.structured import StructuredPlan, prune_once
 from kcompress.types import Granularity
 
 __all__ = ["Block", "find_blocks", "remove_blocks", "block_importance", "fp32_latency_ms", "Staged"]
@@ -93,7 +94,7 @@ def _refs(obj):
 
 def find_blocks(model) -> list[Block]:
     """The removable blocks of a functional (or Sequential) model, in model order (module docstring)."""
-    model = _functional(model)
+    model = as_functional(model)
     config = model.get_config()
     layers = {lc["name"]: lc for lc in config["layers"]}
     consumers: dict[str, set] = {n: set() for n in layers}
@@ -141,7 +142,7 @@ def find_blocks(model) -> list[Block]:
 def remove_blocks(model, blocks) -> keras.Model:
     """A fresh functional model with ``blocks`` bypassed (each ``Add``'s output replaced by its shortcut input) and
     the kept layers' weights copied; the input model is not modified."""
-    model = _functional(model)
+    model = as_functional(model)
     config = model.get_config()
     drop = {n for b in blocks for n in (*b.layers, b.name)}
     sub = {b.name: b.shortcut for b in blocks}
@@ -194,7 +195,7 @@ def block_importance(model, blocks, data: DataSource, n: int = IMPORTANCE_SAMPLE
     ranking key: loss increase per million MACs saved)."""
     from kcompress.evaluation import output_kind
 
-    model = _functional(model)
+    model = as_functional(model)
     kind = output_kind(model) or "logits"
     x, y = _sample(model, data, n, seed)
     loss0, acc0 = _loss_accuracy(model, x, y, kind)
@@ -223,7 +224,7 @@ class Staged:
     def __init__(self, options: PruneOptions, seed: int = 0, train: Optional[DataSource] = None,
                  val: Optional[DataSource] = None, log: Optional[Callable[[str], None]] = None,
                  measure: Callable = fp32_latency_ms):
-        self.plan = _Plan.of(options, seed)
+        self.plan = StructuredPlan.of(options, seed)
         self.granularity = Granularity(options.granularity)
         self.target_flops, self.target_ms = options.target_flops, options.target_latency_ms
         self.train, self.data, self.seed = train, val if val is not None else train, seed

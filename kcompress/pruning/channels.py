@@ -37,7 +37,7 @@ from kcompress.graph import AUGMENTATION_LAYERS, flatten_model, model_nodes
 from kcompress.internals import call_spec, is_graph_network
 from kcompress.modelinfo import macs_by_layer
 
-__all__ = ["ChannelGraph", "ELEMENTWISE_ACTIVATIONS"]
+__all__ = ["ChannelGraph", "ELEMENTWISE_ACTIVATIONS", "as_functional"]
 
 L = keras.layers
 _PASS = (L.BatchNormalization, L.Activation, L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D,
@@ -58,7 +58,9 @@ ELEMENTWISE_ACTIVATIONS = frozenset({
     "softsign", "exponential", "mish", "leaky_relu", "hard_swish", "hard_silu"})
 
 
-def _functional(model):
+def as_functional(model):
+    """``model`` as a functional graph (a Sequential is wrapped; the layers are the same objects); a subclassed
+    model cannot be traced channel by channel and is refused."""
     if isinstance(model, keras.Sequential):
         if not model.built:
             raise KcompressError("the Sequential model is not built (it has no input shape)")
@@ -118,7 +120,7 @@ class ChannelGraph:
     """Channel groups of a functional model; ``keep[root]`` is the boolean mask of a group's kept channels."""
 
     def __init__(self, model):
-        self.model, self.nesting = flatten_model(_functional(model), with_nesting=True)
+        self.model, self.nesting = flatten_model(as_functional(model), with_nesting=True)
         self.size: list[int] = []
         self.parent: list[int] = []
         self.frozen: dict[int, str] = {}

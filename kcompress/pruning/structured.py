@@ -31,9 +31,9 @@ from kcompress.errors import UsageError
 from kcompress.graph import flatten_model
 from kcompress.modelinfo import count_macs, count_params
 from kcompress.options import PruneOptions, TrainOptions
-from kcompress.pruning.channels import ChannelGraph, _functional
+from kcompress.pruning.channels import ChannelGraph, as_functional
 
-__all__ = ["StructuredResult", "ChannelGraph", "prune_structured", "prune_once"]
+__all__ = ["StructuredResult", "StructuredPlan", "ChannelGraph", "prune_structured", "prune_once"]
 
 L = keras.layers
 
@@ -44,7 +44,7 @@ TAYLOR_BATCHES = 8  # training batches scored for the taylor criterion
 
 
 @dataclass(frozen=True)
-class _Plan:
+class StructuredPlan:
     """The structured settings of a :class:`PruneOptions`, resolved (``ratio`` replaces ``target_flops``)."""
 
     target_flops: Optional[float]
@@ -60,7 +60,7 @@ class _Plan:
     taylor_batches: int = TAYLOR_BATCHES
 
     @classmethod
-    def of(cls, o: PruneOptions, seed: int = 0, optimizer=None) -> "_Plan":
+    def of(cls, o: PruneOptions, seed: int = 0, optimizer=None) -> "StructuredPlan":
         return cls(None if o.ratio is not None else o.target_flops, o.ratio, o.criterion, o.num_rounds(), o.epochs,
                    o.batch_size, o.rate(optimizer), seed, o.channel_multiple)
 
@@ -129,7 +129,7 @@ def prune_once(model, options, target_macs: Optional[int] = None, ratio: Optiona
     group-normalised importance until the estimated MACs are at or below the target.
     """
     if isinstance(options, PruneOptions):
-        options = _Plan.of(options)
+        options = StructuredPlan.of(options)
     graph = ChannelGraph(model)
     imp = _importance(graph, options.criterion, data, options)
     floor = {r: max(1, math.ceil(options.min_keep * graph.size[r])) for r in imp}
@@ -218,8 +218,8 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
 
     given = options or PruneOptions()
     staged = Staged.of(given, seed, train, val, log)  # None: channels only, by MACs or ratio
-    options = _Plan.of(given, seed, train_options.optimizer if train_options else None)
-    model, nesting = flatten_model(_functional(model), with_nesting=True)
+    options = StructuredPlan.of(given, seed, train_options.optimizer if train_options else None)
+    model, nesting = flatten_model(as_functional(model), with_nesting=True)
     if nesting and log is not None:
         log(nesting.describe())
     macs0 = count_macs(model)

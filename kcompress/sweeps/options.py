@@ -12,28 +12,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from kcompress.optionbase import OptionError, Options, check_at_least, opt
-from kcompress.types import StrEnum
+from kcompress.types import Objective, Sampler
+from kcompress.types import SweepBackend as Backend
 
 __all__ = ["Sampler", "Backend", "Objective", "SweepOptions", "OBJECTIVE_DIRECTIONS", "DEFAULT_RANDOM_TRIALS"]
 
 DEFAULT_RANDOM_TRIALS = 20
-
-
-class Sampler(StrEnum):
-    GRID = "grid"
-    RANDOM = "random"
-    NSGA2 = "nsga2"
-
-
-class Backend(StrEnum):
-    LOCAL = "local"
-    RAY = "ray"
-
-
-class Objective(StrEnum):
-    ACCURACY = "accuracy"
-    SIZE = "size"
-    LATENCY = "latency"
 
 
 # what each objective measures on a trial's final model, and which way is better
