@@ -48,6 +48,8 @@ _LAZY: dict[str, str] = {
     "Target": "kcompress.types",
     "Delegate": "kcompress.types",
     "Strategy": "kcompress.types",
+    "Runtime": "kcompress.types",
+    "Format": "kcompress.types",
     "RunConfig": "kcompress.pipeline.config",
     "load_config": "kcompress.pipeline.config",
     # techniques
@@ -74,6 +76,16 @@ _LAZY: dict[str, str] = {
     "benchmark": "kcompress.bench.host",
     "BenchReport": "kcompress.bench.schema",
     "inspect": "kcompress.litert.inspect",
+    # ONNX Runtime as a second runtime
+    "export_onnx": "kcompress.onnx.export",
+    "quantize_onnx": "kcompress.onnx.quantize",
+    "ONNXModel": "kcompress.onnx.runtime",
+    # drift monitoring
+    "monitor": "kcompress.monitoring",
+    "monitor_reference": "kcompress.monitoring",
+    "MonitorReference": "kcompress.monitoring",
+    "DriftResult": "kcompress.monitoring",
+    "MonitorOptions": "kcompress.options",
     # pipelines
     "run_pipeline": "kcompress.pipeline.runner",
     "RunResult": "kcompress.pipeline.runner",
@@ -94,6 +106,7 @@ _ALIASES = {
     "baseline": "measure_baseline",
     "benchmark": "bench_report",
     "inspect": "inspect_model",
+    "MonitorReference": "Reference",
     "report": "write_report",
     "demo": "run_demo",
     "distribute": "strategy",

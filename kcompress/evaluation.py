@@ -1,4 +1,5 @@
-"""Accuracy of Keras models and ``.tflite`` files on a data set, and comparisons between two models.
+"""Accuracy of Keras models, ``.tflite`` files (LiteRT) and ``.onnx`` files (ONNX Runtime) on a data set, and
+comparisons between two models.
 
 Both kinds run on the same :class:`~kcompress.data.DataSource` pipeline (same preprocessing); ``.tflite`` files
 with integer I/O get their inputs quantized with the file's own scale and zero point (see :mod:`runtime`).
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # the data module imports TensorFlow; report readers use the 
     from kcompress.data import DataSource
 
 __all__ = [
+    "BeforeAfter",
     "PROBABILITIES",
     "LOGITS",
     "output_kind",
@@ -42,6 +44,26 @@ _SOFTMAX_NAMES = ("softmax", "softmax_v2")  # keras.activations.softmax, tf.nn.s
 _SOFTMAX_SYMBOLS = ("nn.softmax", "math.softmax")  # tf.nn.softmax applied in a functional model (TFOpLambda)
 
 
+
+class BeforeAfter:
+    """Accuracy change of a result with ``before`` and ``after`` evaluations (on the same data) and ``options``
+    carrying ``max_drop``: shared by the quantization results of every format."""
+
+    @property
+    def accuracy_delta(self) -> float:
+        """After minus before, as a fraction (-0.003 = 0.3 points lost)."""
+        return self.after.accuracy - self.before.accuracy  # type: ignore[attr-defined]
+
+    @property
+    def drop_points(self) -> float:
+        return -100 * self.accuracy_delta
+
+    @property
+    def within_max_drop(self) -> bool:
+        """The drop stayed within ``options.max_drop`` points (the CLI exits 1 otherwise)."""
+        return self.drop_points <= self.options.max_drop  # type: ignore[attr-defined]
+
+
 def output_kind(model) -> Optional[str]:
     """``"probabilities"`` when the model's output is a softmax, ``"logits"`` otherwise; ``None`` when the model has
     no graph to read (a subclassed Keras model).
@@ -52,7 +74,10 @@ def output_kind(model) -> Optional[str]:
     producing the output tensor is ``SOFTMAX``, possibly behind ``DEQUANTIZE``/``QUANTIZE``.
     """
     from kcompress.io import model_format
+    from kcompress.onnx.runtime import is_onnx, onnx_output_kind
 
+    if is_onnx(model):
+        return onnx_output_kind(model)
     if isinstance(model, (bytes, bytearray)) or (isinstance(model, str) and model_format(model) == "tflite"):
         from kcompress.litert.inspect import tflite_output_kind
 
@@ -106,21 +131,33 @@ class Predictor:
     """Something that maps a float batch to float outputs, with the shape facts evaluation needs."""
 
     name: str
-    kind: str  # "keras" or "tflite"
+    kind: str  # "keras", "tflite" or "onnx"
     input_shape: tuple
     num_classes: int
     predict: Callable[[np.ndarray], np.ndarray]
     output_kind: Optional[str] = None  # "probabilities" or "logits" (see output_kind); None: unknown
 
+    @property
+    def runtime(self) -> str:
+        """What runs the model: ``keras``, ``litert`` or ``onnxruntime`` (:class:`~kcompress.types.Runtime`)."""
+        return {"tflite": "litert", "onnx": "onnxruntime"}.get(self.kind, self.kind)
+
 
 def predictor(model_or_path, batch_size: int = 64, num_threads: Optional[int] = None,
               trust_model: bool = False) -> Predictor:
-    """A Predictor for a tf_keras model object, a Keras model path (loaded safely unless ``trust_model``), or a
-    ``.tflite`` path/bytes."""
+    """A Predictor for a tf_keras model object, a Keras model path (loaded safely unless ``trust_model``), a
+    ``.tflite`` path/bytes (LiteRT) or an ``.onnx`` path/bytes (ONNX Runtime, CPU)."""
     from kcompress.io import ensure_tf_keras, load_model, model_format
     from kcompress.litert.interpreter import TFLiteModel
     from kcompress.modelinfo import input_shape, num_classes
+    from kcompress.onnx.runtime import ONNXModel, is_onnx
 
+    if is_onnx(model_or_path):
+        om = ONNXModel(model_or_path, num_threads=num_threads, batch_size=batch_size)
+        classes = om.num_classes or int(om.predict(np.zeros((1, *(d or 1 for d in om.input_shape)))).shape[-1])
+        name = model_or_path if isinstance(model_or_path, str) else "<onnx>"
+        return Predictor(name, "onnx", om.input_shape, classes, lambda x: om.predict(x, batch_size),
+                         output_kind(model_or_path))
     if isinstance(model_or_path, (bytes, bytearray)) or (
         isinstance(model_or_path, str) and model_format(model_or_path) == "tflite"
     ):
@@ -150,6 +187,7 @@ class Evaluation:
     outputs: np.ndarray
     labels: np.ndarray
     output_kind: Optional[str] = None  # what ``outputs`` hold: "probabilities" or "logits"; None: unknown
+    runtime: Optional[str] = None  # what ran the model: "keras", "litert" or "onnxruntime"
 
     @property
     def accuracy(self) -> float:
@@ -227,7 +265,7 @@ def evaluate(
 ) -> Evaluation:
     """Runs the model over ``data`` (all of it unless ``limit``) and computes the metrics.
 
-    ``model_or_path``: a Keras model (tf_keras or Keras 3), a model path, or a ``.tflite`` path or bytes;
+    ``model_or_path``: a Keras model (tf_keras or Keras 3), a model path, a ``.tflite`` or ``.onnx`` path or bytes;
     ``data``: an opened DataSource or a data spec (image folder, ``.npz``, built-in name). ``trust_model``: load a
     model file even with Lambda layers or unregistered classes (files you trust only).
     """
@@ -257,7 +295,7 @@ def evaluate(
     outputs = np.concatenate(outs)
     y = np.concatenate(labels).astype(np.int64)
     kind = pred.output_kind
-    return Evaluation(metrics_from_outputs(outputs, y, data.class_names, kind), outputs, y, kind)
+    return Evaluation(metrics_from_outputs(outputs, y, data.class_names, kind), outputs, y, kind, pred.runtime)
 
 
 def test_figures(models: dict, data: Optional[DataSource]) -> Optional[dict]:

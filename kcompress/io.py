@@ -44,7 +44,8 @@ def write_json(path: str, obj, overwrite: bool = False) -> None:
 
 
 def model_format(path: str) -> str:
-    """``savedmodel``, ``h5``, ``keras`` (tf_keras zip), ``keras3`` or ``tflite``; raises for anything else."""
+    """``savedmodel``, ``h5``, ``keras`` (tf_keras zip), ``keras3``, ``tflite`` or ``onnx`` (by its extension: ONNX
+    has no magic bytes); raises for anything else."""
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "saved_model.pb")):
             from kcompress.keras3 import is_exported_savedmodel
@@ -53,6 +54,8 @@ def model_format(path: str) -> str:
         raise KcompressError(f"{path}: a folder but not a SavedModel (no saved_model.pb)")
     if not os.path.isfile(path):
         raise KcompressError(f"{path}: no such model file or folder")
+    if path.lower().endswith(".onnx"):
+        return "onnx"
     with open(path, "rb") as f:
         head = f.read(8)
     if head[4:8] == b"TFL3":
@@ -63,7 +66,7 @@ def model_format(path: str) -> str:
         if is_keras3_file(path):
             return "keras3"
         return "h5" if head.startswith(b"\x89HDF") else "keras"
-    raise KcompressError(f"{path}: not a model (expected a SavedModel folder, .h5, .keras or .tflite)")
+    raise KcompressError(f"{path}: not a model (expected a SavedModel folder, .h5, .keras, .tflite or .onnx)")
 
 
 @contextlib.contextmanager
@@ -92,8 +95,8 @@ def load_model(path: str, compile: bool = False, stage: str = "this step", trust
     """
     trust = bool(trust_model) or _TRUST_MODELS.get()
     fmt = model_format(path)
-    if fmt == "tflite":
-        raise KcompressError(f"{path}: a .tflite file, but {stage} needs a Keras model")
+    if fmt in ("tflite", "onnx"):
+        raise KcompressError(f"{path}: a .{fmt} file, but {stage} needs a Keras model")
     if fmt == "exported":
         from kcompress.keras3 import exported_savedmodel_message
 

@@ -40,6 +40,7 @@ from kcompress.types import (
     Architecture,
     CacheTeacher,
     Criterion,
+    Format,
     Granularity,
     IOType,
     LRSchedule,
@@ -62,7 +63,9 @@ __all__ = [
     "QuantizeOptions",
     "QATOptions",
     "BenchmarkOptions",
+    "ConvertOptions",
     "TrainOptions",
+    "MonitorOptions",
     "doc",
     "parse_augment",
     "parse_block",
@@ -362,7 +365,8 @@ class PruneOptions(Options):
 @dataclass(frozen=True)
 class QuantizeOptions(Options):
     enabled: bool = opt(True, "pipeline: quantize and convert to .tflite")
-    mode: QuantMode = opt(QuantMode.INT8, "int8 (full integer), int16x8 (int16 activations), float16, dynamic (int8 "
+    mode: QuantMode = opt(QuantMode.INT8, "int8 (full integer), int16x8 (int16 activations), int4-weights (int4 conv/dense "
+                                         "weights, int8 activations; kcompress[aeq]), float16, dynamic (int8 "
                                          "weights, float activations) or fp32 (no quantization)")
     calibration_samples: int = opt(200, "representative samples for int8 calibration (stratified, seeded)")
     per_channel: bool = opt(True, "per-channel weight scales (false: one scale per tensor)")
@@ -374,6 +378,9 @@ class QuantizeOptions(Options):
                               "float_layers auto and of the QAT decision, and the pipeline's gate")
     qat: QATPolicy = opt(QATPolicy.AUTO, "pipeline: auto (QAT only when PTQ misses max_drop, keeping the better), "
                                         "never or always")
+    recipe: Optional[str] = opt(None, "int4-weights: weights per layer, a JSON/YAML file of rules ({layers: names "
+                                     "or regex, weights: int4|int8|float}), or auto (int4/int8/float chosen per "
+                                     "layer within max_drop on VAL); empty: every conv/dense layer int4")
 
     def _check(self) -> None:
         check_at_least("calibration_samples", self.calibration_samples, 1)
@@ -383,12 +390,14 @@ class QuantizeOptions(Options):
             raise OptionError("float_layers", "applies to mode int8 only")
         if "auto" in self.float_layers and len(self.float_layers) > 1:
             raise OptionError("float_layers", "auto cannot be combined with layer names")
+        if self.recipe is not None and self.mode != QuantMode.INT4_WEIGHTS:
+            raise OptionError("recipe", "applies to mode int4-weights only")
 
     @property
     def io_type(self) -> IOType:
         if self.io is not None:
             return self.io
-        return IOType.INT8 if self.mode == QuantMode.INT8 else IOType.FLOAT
+        return IOType.INT8 if self.mode in (QuantMode.INT8, QuantMode.INT4_WEIGHTS) else IOType.FLOAT
 
     @property
     def auto_float_layers(self) -> bool:
@@ -427,3 +436,57 @@ class BenchmarkOptions(Options):
         check_at_least("runs", self.runs, 1)
         check_at_least("warmup", self.warmup, 0)
         check_at_least("trials", self.trials, 1)
+
+
+@dataclass(frozen=True)
+class ConvertOptions(Options):
+    """Which deployable files the pipeline's quantize stage writes. ``tflite`` is always written (the stage chooses
+    PTQ vs QAT and float layers on it); ``onnx`` adds ``model.onnx`` for ONNX Runtime beside it: the same Keras
+    model exported with tf2onnx (checked against Keras on VAL), then quantized by ONNX Runtime with the same
+    stratified calibration samples (QDQ, per-channel unless ``quantize.per_channel`` is false). ONNX gets
+    ``quantize.mode`` where ONNX Runtime has it (int8, dynamic); fp32 and float16 write the fp32 export; int16x8
+    and int4-weights, which ONNX Runtime's CPU kernels lack, write int8 and say so. The ONNX file is measured
+    (VAL, TEST, latency) and gated by ``quantize.max_drop`` like the ``.tflite``; the report shows both."""
+
+    formats: tuple[str, ...] = opt(("tflite",), "files the quantize stage writes: tflite, or tflite and onnx")
+    onnx_opset: int = opt(17, "ONNX opset of the export")
+
+    def _check(self) -> None:
+        known = {f.value for f in Format}
+        bad = [f for f in self.formats if f not in known]
+        if bad:
+            raise OptionError("formats", f"{bad[0]!r} is not one of {', '.join(sorted(known))}")
+        if Format.TFLITE.value not in self.formats:
+            raise OptionError("formats", "must include tflite (the pipeline chooses its quantization on it)")
+        check_at_least("onnx_opset", self.onnx_opset, 13)
+
+
+@dataclass(frozen=True)
+class MonitorOptions(Options):
+    """Thresholds of the drift tests (:func:`kcompress.monitor`, ``kcompress monitor``). PSI, the population
+    stability index, reads by the usual rule: below 0.1 no significant change, 0.1-0.25 a moderate one (reported as
+    ``warn``), above 0.25 a significant one (``drift``)."""
+
+    psi_warn: float = opt(0.1, "confidence and class PSI above this is a moderate change (warn)")
+    psi_drift: float = opt(0.25, "confidence PSI above this is drift (0.25: the usual 'significant change')")
+    class_psi_drift: float = opt(0.25, "PSI of the predicted-class frequencies above this is drift (so is one above "
+                                       "psi_warn whose chi-square p is below alpha)")
+    alpha: float = opt(0.01, "significance level of the KS test (confidences) and the chi-square test (classes)")
+    ks_min_statistic: float = opt(0.1, "KS drift also needs its statistic (largest CDF gap) at least this (p alone "
+                                       "flags negligible shifts on large samples)")
+    input_mean_shift: float = opt(0.5, "drift when an input channel's mean moves more than this many reference stds")
+    input_std_ratio: float = opt(1.5, "drift when an input channel's std grows or shrinks by more than this factor")
+    bins: int = opt(10, "PSI bins of the confidences, cut at the reference's quantiles")
+
+    def _check(self) -> None:
+        for key in ("psi_warn", "psi_drift", "class_psi_drift", "input_mean_shift"):
+            check_positive(key, getattr(self, key))
+        if self.psi_warn > self.psi_drift:
+            raise OptionError("psi_warn", f"must not exceed psi_drift ({self.psi_drift}), got {self.psi_warn}")
+        if not 0.0 < self.alpha < 1.0:
+            raise OptionError("alpha", f"must be a probability in (0, 1), got {self.alpha}")
+        if not 0.0 <= self.ks_min_statistic <= 1.0:
+            raise OptionError("ks_min_statistic", f"must be in [0, 1], got {self.ks_min_statistic}")
+        if not self.input_std_ratio > 1.0:
+            raise OptionError("input_std_ratio", f"must be > 1 (a factor either way), got {self.input_std_ratio}")
+        check_at_least("bins", self.bins, 2)

@@ -27,6 +27,8 @@ __all__ = [
     "Sampler",
     "SweepBackend",
     "Objective",
+    "Runtime",
+    "Format",
 ]
 
 
@@ -49,6 +51,7 @@ class QuantMode(StrEnum):
     FLOAT16 = "float16"  # float16 weights (GPU delegates)
     INT8 = "int8"  # full integer, calibrated on representative samples
     INT16X8 = "int16x8"  # int16 activations, int8 weights
+    INT4_WEIGHTS = "int4-weights"  # int4 conv/dense weights, int8 activations (ai-edge-quantizer)
 
 
 class IOType(StrEnum):
@@ -167,6 +170,21 @@ class SweepBackend(StrEnum):
 
     LOCAL = "local"  # processes on this machine
     RAY = "ray"  # Ray tasks (a local instance, or the cluster at --address)
+
+
+class Runtime(StrEnum):
+    """What runs a model when kcompress evaluates or times it."""
+
+    LITERT = "litert"  # the LiteRT interpreter (.tflite)
+    ONNXRUNTIME = "onnxruntime"  # ONNX Runtime, CPU execution provider (.onnx)
+    KERAS = "keras"  # the Keras model itself in TensorFlow (the float reference)
+
+
+class Format(StrEnum):
+    """The deployable file a model is written as."""
+
+    TFLITE = "tflite"
+    ONNX = "onnx"
 
 
 class Objective(StrEnum):

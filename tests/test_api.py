@@ -103,7 +103,8 @@ COMMANDS = {
 CLI_ONLY = {"data", "data_spec", "val_data", "val_spec", "out", "overwrite", "as_json", "limit", "seed", "model",
             "model_path", "models", "teacher", "resume", "per_tensor", "keras_out", "scale", "offset", "mean", "std",
             "test_data", "test_split", "train_limit",  # the data section's test and test_split
-            "trust_model"}  # deliberately no config key: a shared config must not vouch for its own model file
+            "trust_model",  # deliberately no config key: a shared config must not vouch for its own model file
+            "fmt"}  # quantize --format onnx: ONNX Runtime output, no pipeline stage (yet)
 
 
 def _command(name):

@@ -73,6 +73,17 @@ def test_trials_and_spread_are_consistent(tmp_path):
     assert r.trial_p50s == tuple(p50s)
 
 
+def test_cold_start_is_recorded_apart_from_the_warm_runs(tmp_path):
+    from conftest import run_cli
+
+    path = _dense_tflite(64, 256, tmp_path, "m")
+    r = bench_tflite(path, runs=3, warmup=0, trials=1)
+    assert r.init_ms > 0 and r.first_inference_ms > 0
+    assert r.latency_ms.count == 3  # the first inference is not one of the timed runs, even with no warm-up
+    out = run_cli("bench", path, "--runs", "3", "--warmup", "0", "--trials", "1")
+    assert out.exit_code == 0 and "load ms" in out.output and "first ms" in out.output
+
+
 def test_bigger_model_reports_more_inference_memory(tmp_path):
     small = _dense_tflite(50, 1000, tmp_path, "small")  # 200 kB of weights
     big = _dense_tflite(1000, 2000, tmp_path, "big")  # 8 MB of weights

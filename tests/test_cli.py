@@ -160,7 +160,7 @@ def test_bench_and_inspect_tflite(cnn_path, tmp_path):
         (["quantize", "{cnn}", "--data", "digits:val", "--calibration-samples", "0"], 2, "at least 1"),
         (["quantize", "{cnn}", "--data", "digits:val", "--mode", "int4"], 2, "Invalid value for '--mode'"),
         (["quantize", "{cnn}", "--data", "digits:val", "--mode", "float16", "--io", "int8"], 2, "--io: int8 needs mode int8"),
-        (["bench", "{cnn}"], 2, "bench takes .tflite files"),
+        (["bench", "{cnn}"], 2, "bench takes .tflite and .onnx files"),
         (["bench", "{tflite}", "--threads", "x"], 2, "--threads: expected comma-separated"),
     ],
 )

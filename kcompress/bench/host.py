@@ -1,11 +1,14 @@
-"""Host latency, throughput and memory of ``.tflite`` files (LiteRT interpreter) and Keras models.
+"""Host latency, throughput and memory of ``.tflite`` files (LiteRT interpreter), ``.onnx`` files (ONNX Runtime,
+CPU) and Keras models.
 
 Each ``.tflite`` is measured in a child process (``python -m kcompress.bench.host``) that imports only numpy,
 the LiteRT interpreter and this TensorFlow-free module, never TensorFlow: the caller's process usually holds
 TensorFlow (hundreds of MB, its own thread pools), which would swamp the memory figure and compete with the
 timed threads. The child records its resident set after the imports, loads the model, allocates the tensors,
 runs the inferences and reports its peak resident set and the increase over the post-import baseline; latency is
-timed in the same child, on the same interpreter.
+timed in the same child, on the same interpreter. ``.onnx`` files get the same design with ONNX Runtime in place
+of LiteRT (``runtime: "onnxruntime"``; ``init_ms`` is the session creation, ``first_inference_ms`` the first run,
+both outside the warm percentiles; threads are ONNX Runtime's intra-op threads, inter-op 1).
 
 Latency is wall time of ``invoke`` for one batch, warm-up runs excluded, inputs prepared beforehand (quantized
 for int8 I/O, so preprocessing is not included). It is measured in ``trials`` trials of ``runs`` runs; when
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -101,11 +104,46 @@ def _trial_fields(trials: list[list[float]], batch_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- the child (TF-free)
+class _ORTRunner:
+    """An ONNX model with the interface the child times (``prepare``/``set_raw_input``/``invoke``)."""
+
+    def __init__(self, path: str, threads: int, batch_size: int):
+        from kcompress.onnx.runtime import ONNXModel
+
+        self.model = ONNXModel(path, num_threads=threads, batch_size=batch_size)
+        self.batch_size = self.model.batch_size
+        self.input_shape = self.model.input_shape
+        self.input_dtype = self.model.input_dtype
+        self.output_dtype = self.model.output_dtype
+        self._x = None
+        if any(d is None for d in self.input_shape):
+            raise KcompressError(f"{path}: the model's input shape {self.input_shape} has free dimensions; "
+                                 "benchmark a model exported with a fixed input size")
+
+    def prepare(self, x):
+        return self.model.prepare(x)
+
+    def set_raw_input(self, x) -> None:
+        self._x = x
+
+    def invoke(self) -> None:
+        self.model.run(self._x)
+
+    def delegation(self) -> dict:
+        return {"delegate": "cpu", "partitions": 0, "providers": self.model.session.get_providers()}
+
+
 def _child_main() -> None:
     """One model in this process: a line of JSON settings in, a line of JSON out per command (``{"runs": N,
-    "warmup": W}`` times one trial after W untimed runs; end of input or ``{}`` reports memory and exits)."""
-    import ai_edge_litert.interpreter  # noqa: F401  (the import is part of the baseline, not of the model)
+    "warmup": W}`` times one trial after W untimed runs; end of input or ``{}`` reports memory and exits).
+    ``sys.argv[1]`` names the runtime: ``litert`` (default) or ``onnxruntime``."""
+    onnx = len(sys.argv) > 1 and sys.argv[1] == "onnxruntime"
+    if onnx:
+        import onnxruntime  # noqa: F401  (the import is part of the baseline, not of the model)
 
+        import kcompress.onnx.runtime  # noqa: F401
+    else:
+        import ai_edge_litert.interpreter  # noqa: F401
     from kcompress.litert.interpreter import TFLiteModel
 
     baseline = rss_mb()
@@ -119,7 +157,10 @@ def _child_main() -> None:
     spec = json.loads(sys.stdin.readline())
     t0 = time.perf_counter()
     try:
-        model = TFLiteModel(spec["model"], num_threads=spec["threads"], batch_size=spec["batch_size"])
+        if onnx:
+            model: Any = _ORTRunner(spec["model"], spec["threads"], spec["batch_size"])
+        else:
+            model = TFLiteModel(spec["model"], num_threads=spec["threads"], batch_size=spec["batch_size"])
     except KcompressError as e:
         send({"error": str(e)})
         return
@@ -151,14 +192,15 @@ def _child_main() -> None:
 class _Child:
     """The parent's handle on one child process."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, runtime: str = "litert"):
         import kcompress
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(kcompress.__file__)))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
         self.path = path
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-m", "kcompress.bench.host"], cwd=root, env=env, text=True,
+        self.proc = subprocess.Popen([sys.executable, "-m", "kcompress.bench.host", runtime], cwd=root, env=env,
+                                     text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr)
 
     def ask(self, cmd: dict) -> dict:
@@ -196,23 +238,28 @@ def bench_tflite_many(
     trials: int = DEFAULT_TRIALS,
     names: Optional[Sequence[Optional[str]]] = None,
 ) -> list[BenchResult]:
-    """Several ``.tflite`` files (paths or bytes) in one configuration, each in its own LiteRT-only child
-    process, their ``trials`` trials of ``runs`` runs interleaved. One :class:`BenchResult` per model, in order."""
+    """Several ``.tflite`` or ``.onnx`` files (paths or bytes) in one configuration, each in its own child process
+    that imports only its runtime (LiteRT or ONNX Runtime), their ``trials`` trials of ``runs`` runs interleaved.
+    One :class:`BenchResult` per model, in order."""
+    from kcompress.onnx.runtime import is_onnx
+
     if runs < 1 or trials < 1 or warmup < 0:
         raise ValueError("runs and trials must be at least 1, warmup at least 0")
     names = list(names or [None] * len(models))
     paths, sizes, temps, children = [], [], [], []
+    runtimes = ["onnxruntime" if is_onnx(m) else "litert" for m in models]
     try:
-        for m in models:
+        for m, rt in zip(models, runtimes):
             if isinstance(m, (bytes, bytearray)):
-                with tempfile.NamedTemporaryFile(suffix=".tflite", delete=False) as f:
+                with tempfile.NamedTemporaryFile(suffix=".onnx" if rt == "onnxruntime" else ".tflite",
+                                                 delete=False) as f:
                     f.write(bytes(m))
                 temps.append(f.name)
                 paths.append(f.name)
             else:
                 paths.append(os.path.abspath(str(m)))
             sizes.append(os.path.getsize(paths[-1]))
-        children = [_Child(p) for p in paths]  # interpreters start in parallel, load one after the other
+        children = [_Child(p, rt) for p, rt in zip(paths, runtimes)]  # start in parallel, load one by one
         setup = [c.ask({"model": p, "threads": threads, "batch_size": batch_size, "warmup": warmup})
                  for c, p in zip(children, paths)]
         times: list[list[list[float]]] = [[] for _ in children]
@@ -227,12 +274,14 @@ def bench_tflite_many(
         for t in temps:
             os.unlink(t)
     results = []
-    for model, size, name, s, t, mem in zip(models, sizes, names, setup, times, memory):
+    for model, rt, size, name, s, t, mem in zip(models, runtimes, sizes, names, setup, times, memory):
         fields = _trial_fields(t, batch_size)
         d = s["delegation"]
+        onnx = rt == "onnxruntime"
         results.append(BenchResult(
-            model=name or (str(model) if not isinstance(model, (bytes, bytearray)) else "<tflite>"),
-            runtime="litert-python",
+            model=name or (str(model) if not isinstance(model, (bytes, bytearray)) else
+                           "<onnx>" if onnx else "<tflite>"),
+            runtime="onnxruntime" if onnx else "litert-python",
             threads=threads,
             batch_size=batch_size,
             delegate=d["delegate"],
@@ -245,8 +294,9 @@ def bench_tflite_many(
             memory_mb={**mem, "arena": None},
             delegate_coverage=d if d["partitions"] else None,
             extra={**fields["extra"], "io": s["io"], "runs_per_trial": runs,
-                   "memory_scope": "child process: LiteRT interpreter only",
-                   "tensorflow_imported": s["tensorflow_imported"]},
+                   "memory_scope": f"child process: {'ONNX Runtime' if onnx else 'LiteRT interpreter'} only",
+                   "tensorflow_imported": s["tensorflow_imported"],
+                   **({"providers": d.get("providers")} if onnx else {})},
         ))
     return results
 
@@ -320,7 +370,7 @@ def versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {}
-    for pkg in ("ai-edge-litert", "tensorflow", "tf-keras", "numpy"):
+    for pkg in ("ai-edge-litert", "onnxruntime", "tensorflow", "tf-keras", "numpy"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

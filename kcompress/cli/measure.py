@@ -157,7 +157,7 @@ def baseline(model: str, data: str, out: Optional[str], batch_sizes: str, thread
 @handle_errors
 def evaluate(model: str, data: str, reference: Optional[str], batch_size: int, limit: Optional[int],
              as_json: bool, **kw) -> None:
-    """Accuracy of a Keras model or .tflite file on labelled data.
+    """Accuracy of a Keras model, .tflite file (LiteRT) or .onnx file (ONNX Runtime) on labelled data.
 
     .tflite files with int8/uint8 inputs get them quantized with the file's own scale and zero point, so pass the
     same preprocessing flags as for the Keras model.
@@ -173,15 +173,16 @@ def evaluate(model: str, data: str, reference: Optional[str], batch_size: int, l
 
     src = open_data(data, preprocess(kw))
     ev = run_eval(model, src, batch_size=batch_size, limit=limit)
-    result = {"model": model, "data": src.name, **ev.metrics}
+    result = {"model": model, "runtime": ev.runtime, "data": src.name, **ev.metrics}
     if reference:
         ref = run_eval(reference, src, batch_size=batch_size, limit=limit, description="evaluating reference")
-        result["reference"] = {"model": reference, "accuracy": ref.accuracy, **compare(ev, ref)}
+        result["reference"] = {"model": reference, "runtime": ref.runtime, "accuracy": ref.accuracy,
+                               **compare(ev, ref)}
     if as_json:
         print_json(result)
         return
     con = console()
-    rows = [["accuracy (top-1)", pct(ev.accuracy)], ["top-5", pct(ev.metrics["top5_accuracy"])],
+    rows = [["runtime", ev.runtime], ["accuracy (top-1)", pct(ev.accuracy)], ["top-5", pct(ev.metrics["top5_accuracy"])],
             ["macro F1", f"{ev.metrics['macro_f1']:.4f}"], ["samples", ev.metrics["num_samples"]]]
     if reference:
         r = result["reference"]
@@ -209,7 +210,7 @@ def evaluate(model: str, data: str, reference: Optional[str], batch_size: int, l
 def bench(models, threads: str, batch_sizes: str, runs: int, warmup: int, trials: int, as_json: bool,
           out: Optional[str], overwrite: bool) -> None:
     """Latency (p50 with its range over repeated trials, mean, std, p95, p99), throughput and memory of .tflite
-    files on this host.
+    files (LiteRT) and .onnx files (ONNX Runtime, CPU) on this host.
 
     Each model runs in a child process that loads only the LiteRT interpreter (no TensorFlow): memory is that
     process's peak resident set and its increase over the resident set after the imports. The interpreter applies
@@ -225,8 +226,9 @@ def bench(models, threads: str, batch_sizes: str, runs: int, warmup: int, trials
     from kcompress.io import check_output_path, model_format
 
     for m in models:
-        if model_format(m) != "tflite":
-            raise UsageError(f"{m}: bench takes .tflite files (convert Keras models with kcompress quantize)")
+        if model_format(m) not in ("tflite", "onnx"):
+            raise UsageError(f"{m}: bench takes .tflite and .onnx files (convert Keras models with kcompress "
+                             "quantize or kcompress export)")
     opts = build(BenchmarkOptions, threads=threads, batch_sizes=batch_sizes, runs=runs, warmup=warmup,
                  trials=trials)
     if out:
@@ -254,14 +256,16 @@ def _print_bench(report, opts: BenchmarkOptions) -> None:
     for r in report.results:
         s, p, mem, io = r.latency_ms, r.p50_interval, r.memory_mb, r.extra.get("io") or {}
         peak, increase = mem.get("peak_rss"), mem.get("rss_increase")
-        rows.append([os.path.basename(r.model), r.threads, r.batch_size, io.get("input", "-"), r.delegate,
+        rows.append([os.path.basename(r.model), r.runtime, r.threads, r.batch_size, io.get("input", "-"), r.delegate,
                      f"{sig(p.median)} ({sig(p.low)}-{sig(p.high)})", sig(s.mean), sig(s.std), sig(s.p95),
-                     sig(s.p99), f"{r.throughput_per_s:.1f}/s",
+                     sig(s.p99), f"{r.throughput_per_s:.1f}/s", sig(r.init_ms), sig(r.first_inference_ms),
                      "-" if peak is None else f"{peak:.1f}" + ("" if increase is None else f" (+{increase:.1f})")])
-    print_table(f"LiteRT on {report.target['cpu']}: {opts.trials} trials x {opts.runs} runs, {opts.warmup} warm-up; "
-                "p50: median of trial p50s (range); memory: peak RSS (+ over post-import RSS)",
-                ["model", "threads", "batch", "input", "delegate", f"p50 ms, {opts.trials} trials", "mean ms",
-                 "std ms", "p95 ms", "p99 ms", "throughput", "memory MB"], rows, console())
+    print_table(f"{report.target['cpu']}: {opts.trials} trials x {opts.runs} runs, {opts.warmup} warm-up; "
+                "p50: median of trial p50s (range); cold start (not in the percentiles): load = model load and "
+                "tensor allocation or session creation, first = first inference; memory: peak RSS (+ over "
+                "post-import RSS)",
+                ["model", "runtime", "threads", "batch", "input", "delegate", f"p50 ms, {opts.trials} trials", "mean ms",
+                 "std ms", "p95 ms", "p99 ms", "throughput", "load ms", "first ms", "memory MB"], rows, console())
 
 
 # ------------------------------------------------------------------------------------------------------ inspect

@@ -106,15 +106,21 @@ def report(run_dirs, out_dir: Optional[str], overwrite: bool) -> None:
 @click.argument("model_b")
 @click.option("--data", required=True, help="Labelled data both models are evaluated on.")
 @click.option("--limit", type=int, default=None, help="Only a stratified random sample of N (seeded).")
+@click.option("--fraction", type=float, default=1.0, show_default=True,
+              help="Evaluate a random share F (0 < F <= 1) of the data, the same samples for A and B, as in a traffic "
+                   "split (seeded).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --fraction draw.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @preprocess_options
 @trust_model_option
 @handle_errors
-def compare(model_a: str, model_b: str, data: str, limit: Optional[int], as_json: bool, **kw) -> None:
-    """Two models or .tflite files side by side: the A/B test before deployment.
+def compare(model_a: str, model_b: str, data: str, limit: Optional[int], fraction: float, seed: int, as_json: bool,
+            **kw) -> None:
+    """Two models, .tflite or .onnx files side by side: the A/B test before deployment.
 
     Accuracy, top-1 agreement, per-class differences (B minus A, most-hurt first), confidence shift, size and
-    latency (1 thread, batch 1; Keras models are timed as their fp32 .tflite).
+    latency (1 thread, batch 1; .onnx files run in ONNX Runtime; Keras models are timed as their fp32 .tflite, or
+    as their fp32 ONNX export when the other model is .onnx).
 
     \b
     Example:
@@ -122,18 +128,21 @@ def compare(model_a: str, model_b: str, data: str, limit: Optional[int], as_json
     """
     import kcompress as kc
 
-    c = kc.compare(model_a, model_b, data, preprocess=preprocess(kw), limit=limit)
+    c = kc.compare(model_a, model_b, data, preprocess=preprocess(kw), limit=limit, fraction=fraction, seed=seed)
     if as_json:
         print_json(c.to_dict())
         return
     a, b, diff = c.a, c.b, c.diff
     con = console()
-    rows = [["accuracy", pct(a["accuracy"]), pct(b["accuracy"]), points(c.accuracy_delta)],
+    rows = [["runtime", a["runtime"], b["runtime"], ""],
+            ["accuracy", pct(a["accuracy"]), pct(b["accuracy"]), points(c.accuracy_delta)],
             ["size", mb(a["size_bytes"]), mb(b["size_bytes"]), f"{c.size_ratio:.2f}x"],
             ["p50 latency", ms(a["latency_p50_ms"]), ms(b["latency_p50_ms"]), f"{c.speedup.text()} speed-up"],
             ["mean confidence", f"{a['mean_confidence']:.3f}", f"{b['mean_confidence']:.3f}",
              f"{diff['mean_confidence_delta']:+.3f}"]]
-    print_table(f"A/B on {c.data}", ["", "A", "B", "B vs A"], rows, con)
+    print_table(f"A/B on {c.data}: {c.num_samples} of {c.total_samples} samples"
+                + (f" (fraction {c.fraction:g}, seed {c.seed})" if c.fraction != 1.0 else ""),
+                ["", "A", "B", "B vs A"], rows, con)
     con.print(f"top-1 agreement: {pct(c.agreement)}")
     worst = list(diff["per_class_recall_delta"].items())[:5]
     con.print("per-class change (B - A), most hurt first: " + ", ".join(f"{k} {100 * v:+.1f}" for k, v in worst))

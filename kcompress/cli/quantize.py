@@ -43,9 +43,10 @@ __all__ = ["quantize", "qat", "sensitivity"]
 _FLAGS = {"per_channel": "--per-tensor", "float_layers": "--float-layers"}
 
 
-def _quantize_options(mode, calibration_samples, per_tensor, io, float_layers, max_drop) -> QuantizeOptions:
+def _quantize_options(mode, calibration_samples, per_tensor, io, float_layers, max_drop, recipe=None
+                      ) -> QuantizeOptions:
     return build(QuantizeOptions, _FLAGS, mode=mode, calibration_samples=calibration_samples,
-                 per_channel=not per_tensor, io=io, float_layers=float_layers, max_drop=max_drop)
+                 per_channel=not per_tensor, io=io, float_layers=float_layers, max_drop=max_drop, recipe=recipe)
 
 
 def _int8_options(fn):
@@ -80,13 +81,16 @@ def _print_plan(con, plan: Optional[dict]) -> None:
 @click.command()
 @click.argument("model")
 @click.option("--data", required=True, help="Data to draw calibration samples from (and to evaluate on).")
-@option(QuantizeOptions, "mode", type=click.Choice(["fp32", "dynamic", "float16", "int8", "int16x8"]))
+@option(QuantizeOptions, "mode", type=click.Choice(["fp32", "dynamic", "float16", "int8", "int16x8", "int4-weights"]))
+@option(QuantizeOptions, "recipe")
 @click.option("-o", "--out", default=None, help="Output .tflite [default: MODEL_<mode>.tflite].")
 @click.option("--val-data", default=None, help="VAL: evaluate (and choose float layers) on this instead of --data.")
 @test_options
 @_int8_options
 @click.option("--limit", type=int, default=None, help="Evaluate on a stratified random sample of N (seeded).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sample (config: seed).")
+@click.option("--format", "fmt", type=click.Choice(["tflite", "onnx"]), default="tflite", show_default=True,
+              help="onnx: quantize for ONNX Runtime instead (--mode int8: static QDQ, or dynamic; MODEL may be .onnx).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @preprocess_options
@@ -107,11 +111,18 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
       kcompress quantize model.keras --data digits:train --mode int8 --float-layers first,last
       kcompress quantize model.keras --data train/ --val-data val/ --float-layers auto --max-drop 0.3
       kcompress quantize pruned.keras --data val/ --mode fp32 -o pruned_fp32.tflite   # plain fp32 export
+      kcompress quantize model.keras --data train/ --val-data val/ --mode int4-weights --recipe auto --max-drop 0.5
     """
     import kcompress as kc
     from kcompress.io import check_output_path
 
-    opts = _quantize_options(mode, calibration_samples, per_tensor, io, float_layers, max_drop)
+    opts = _quantize_options(mode, calibration_samples, per_tensor, io, float_layers, max_drop, kw.pop("recipe", None))
+    if kw.pop("fmt", "tflite") == "onnx":  # ONNX Runtime's quantization tools: kcompress.cli.export
+        from kcompress.cli.export import quantize_onnx_command
+
+        return quantize_onnx_command(model, data, opts, out=out, val_data=val_data, test_data=test_data,
+                                     test_split=test_split, limit=limit, seed=seed, as_json=as_json,
+                                     overwrite=overwrite, pre=preprocess(kw))
     out = out or default_out(model, f"_{opts.mode}.tflite")
     check_output_path(out, overwrite)
     con = console()
@@ -138,8 +149,24 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
         con.print(f"Kept in float: {', '.join(r.options.float_layers)}")
     if r.hint:
         con.print(f"Hint: {r.hint}")
+    if r.precision:
+        _print_precision(con, r)
     wrote(final)
     _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, final, r.data)
+
+
+def _print_precision(con, r) -> None:
+    """int4-weights: the weights of each layer as found in the file, int8 for comparison, the slower warning."""
+    p = r.precision
+    if p.get("plan"):
+        con.print(f"Mixed precision chosen on VAL over {len(p['plan']['trials'])} trials (optimistic there: check "
+                  "held-out data with `kcompress evaluate`)" + ("" if p["plan"]["met"] else "; no mix met the budget"))
+    con.print(f"Scheme: {p['scheme']}")
+    print_table("weights per layer", ["layer", "asked", "in the file", "ops"],
+                [(x["layer"], x["requested"], x["weights"], ",".join(x["ops"])) for x in p["layers"]], con)
+    con.print(f"int8 for comparison: {mb(p['int8_bytes'])}, p50 {ms(p['latency_int8_ms'])}")
+    if r.smaller_but_slower:
+        click.echo(f"Warning: {r.smaller_but_slower}", err=True)
 
 
 def _gate(ok: bool, drop: float, max_drop: float, out: str, final: str, split: str) -> None:

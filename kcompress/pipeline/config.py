@@ -22,6 +22,7 @@ from kcompress.errors import KcompressError, UsageError
 from kcompress.options import (
     BaselineOptions,
     BenchmarkOptions,
+    ConvertOptions,
     DataOptions,
     DistillOptions,
     ModelOptions,
@@ -62,6 +63,8 @@ class RunConfig(Options):
     quantize: QuantizeOptions = field(default_factory=QuantizeOptions, metadata={"doc": "quantization (PTQ first)"})
     qat: QATOptions = field(default_factory=QATOptions, metadata={
         "doc": "quantization-aware training, when quantize.qat asks for it"})
+    convert: ConvertOptions = field(default_factory=ConvertOptions, metadata={
+        "doc": "deployable files the quantize stage writes (.tflite, and .onnx for ONNX Runtime)"})
     benchmark: BenchmarkOptions = field(default_factory=BenchmarkOptions, metadata={"doc": "host benchmark"})
 
     def _check(self) -> None:

@@ -90,6 +90,9 @@ def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
                        key=lambda kv: kv[1])
             )
             rows.append(row)
+            if m.get("onnx"):  # convert.formats [tflite, onnx]: the ONNX file of the same stage, beside it
+                rows.append(_onnx_row(row, m["onnx"], split, base_figures, s["outputs"].get("onnx_" + split),
+                                      base_out))
         bench = next((s["metrics"].get("bench") for s in stages if s["stage"] == "benchmark"), None)
         devices = []
         for path in sorted(glob.glob(os.path.join(run_dir, "device*.json"))):
@@ -111,6 +114,23 @@ def build_report(run_dirs: Sequence[str]) -> dict[str, Any]:
         for i, r in enumerate(all_rows):
             r[name] = i in front
     return {"runs": runs}
+
+
+def _onnx_row(tflite_row: dict, onnx: dict, split: str, base_figures: dict, out, base_out) -> dict:
+    """The report row of a quantize stage's ONNX file (see :mod:`kcompress.pipeline.formats`)."""
+    figures = _on(onnx, split) if split == "val" or "test" in onnx else {}
+    row = {**tflite_row, "kind": "onnx", "method": f"onnx {onnx['mode']}", "num_samples": figures.get("num_samples"),
+           "accuracy": figures.get("accuracy", float("nan")), "val_accuracy": onnx["accuracy"],
+           "test_accuracy": onnx.get("test", {}).get("accuracy"), "size_bytes": onnx["size_bytes"],
+           "file_bytes": onnx["size_bytes"], "latency_p50_ms": onnx.get("latency_p50_ms"),
+           "agreement_with_baseline": None, "mean_confidence": figures.get("mean_confidence")}
+    row["accuracy_delta_points"] = 100 * (row["accuracy"] - base_figures["accuracy"])
+    if out is not None and base_out is not None and len(out) == len(base_out):
+        row["agreement_with_baseline"] = float((out.argmax(1) == base_out.argmax(1)).mean())
+    pc, base_pc = _per_class(figures), _per_class(base_figures)
+    row["per_class_delta_points"] = dict(sorted(((k, 100 * (v - base_pc[k])) for k, v in pc.items() if k in base_pc),
+                                                key=lambda kv: kv[1]))
+    return row
 
 
 def _on(metrics: dict, split: str) -> dict:
@@ -214,23 +234,27 @@ def _markdown(report: dict, plots: list[str]) -> str:
                 f"{r['params'] if r['params'] is not None else '-'} | {r['macs'] if r['macs'] is not None else '-'} | "
                 f"{lat} | {pareto or '-'} |"
             )
-        last = run["stages"][-1]
+        last = [r for r in run["stages"] if r["kind"] != "onnx"][-1]
         hurt = list(last["per_class_delta_points"].items())[:5]
         if hurt:
             lines += ["", f"Most-hurt classes at the last stage ({last['stage']}, recall change on {split}): "
                       + ", ".join(f"{k} {v:+.1f}" for k, v in hurt)]
         if run["host_benchmark"]:
-            lines += ["", "Host benchmark of the final model (LiteRT; memory: a clean child process's peak RSS "
-                      "increase while loading and running the model):", "",
-                      "| threads | batch | p50 (range over trials) | p95 | throughput | delegate | inference memory |",
-                      "|---|---|---|---|---|---|---|"]
+            lines += ["", "Host benchmark of the final model (memory: a clean child process's peak RSS increase "
+                      "while loading and running the model; load and first inference: cold start, outside the "
+                      "warm percentiles):", "",
+                      "| file | runtime | threads | batch | p50 (range over trials) | p95 | throughput | delegate | "
+                      "inference memory | load | first inference |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|"]
             for b in run["host_benchmark"]:
                 spread = (f" ({b['p50_interval_ms'][0]:.3f}-{b['p50_interval_ms'][1]:.3f}, {b['trials']} trials)"
                           if b.get("p50_interval_ms") else "")
                 mem = f"+{b['rss_increase_mb']:.1f} MB" if b.get("rss_increase_mb") is not None else "-"
-                lines.append(f"| {b['threads']} | {b['batch_size']} | {b['p50_ms']:.3f} ms{spread} | "
+                cold = " | ".join("-" if b.get(k) is None else f"{b[k]:.1f} ms" for k in ("init_ms", "first_inference_ms"))
+                lines.append(f"| {b.get('model', 'model.tflite')} | {b.get('runtime', 'litert-python')} | "
+                             f"{b['threads']} | {b['batch_size']} | {b['p50_ms']:.3f} ms{spread} | "
                              f"{b['p95_ms']:.3f} ms | {b['throughput_per_s']:.0f}/s | {b.get('delegate') or '-'} | "
-                             f"{mem} |")
+                             f"{mem} | {cold} |")
         if run["device_benchmark"]:
             lines += ["", "Device benchmarks:", "", "| device | model | threads | delegate | p50 |", "|---|---|---|---|---|"]
             for d in run["device_benchmark"]:
@@ -314,6 +338,9 @@ def read_run(run_dir: str) -> list[dict]:
         if os.path.exists(opath):
             with np.load(opath) as z:
                 entry["outputs"] = {"val": z["outputs"], **({"test": z["test_outputs"]} if "test_outputs" in z else {})}
+                for key, name in (("onnx_outputs", "onnx_val"), ("onnx_test_outputs", "onnx_test")):
+                    if key in z:
+                        entry["outputs"][name] = z[key]
         out.append(entry)
     if not out:
         raise KcompressError(f"{run_dir}: no finished stages (not a kcompress run folder?)")

@@ -38,7 +38,7 @@ from kcompress.pipeline.resume import (
     started,
 )
 from kcompress.pipeline.stages import stage_baseline, stage_distill, stage_prune, stage_quantize, stage_train
-from kcompress.types import QATPolicy
+from kcompress.types import Format, QATPolicy
 
 __all__ = ["GateFailed", "StageRecord", "RunResult", "run_pipeline", "execute"]
 
@@ -164,6 +164,8 @@ def _stage_settings(cfg: RunConfig, stage: str) -> dict:
     q = cfg.quantize
     if stage == "quantize" and q.qat != QATPolicy.NEVER:
         settings["qat_settings"] = cfg.qat.to_dict()
+    if stage == "quantize" and Format.ONNX in cfg.convert.formats:  # (only then: older runs' chains stay valid)
+        settings["convert_settings"] = cfg.convert.to_dict()
     if stage in ("train", "distill", "prune") or "qat_settings" in settings:
         settings["train_settings"] = cfg.train.to_dict()
     if not (stage == "quantize" and (q.qat == QATPolicy.AUTO or q.auto_float_layers)):
@@ -306,6 +308,11 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
                 metrics["metadata_bytes"] = len(tfl) - plain
                 for key in ("params", "macs"):  # the same network, now in int8
                     metrics[key] = records[-1].metrics.get(key)
+                if Format.ONNX in cfg.convert.formats:
+                    from kcompress.pipeline.formats import write_onnx
+
+                    metrics["onnx"], more = write_onnx(ctx, model, sdir, _split_metrics)
+                    outputs.update(more)
                 produced = path
             else:
                 fn = {"train": stage_train, "baseline": stage_baseline, "distill": stage_distill,
@@ -333,6 +340,9 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
         _gate(cfg, records, base_acc)
         if stage == "baseline":
             base_acc = ctx.baseline_accuracy = records[-1].metrics["accuracy"]
+    from kcompress.monitoring.reference import write_run_reference  # drift monitoring: the final model on VAL
+
+    write_run_reference(run_dir, [r for r in records if r.stage != "benchmark"][-1], ctx.val, log)
     return records
 
 
@@ -346,6 +356,13 @@ def _gate(cfg: RunConfig, records: list[StageRecord], base_acc: Optional[float])
     if cur.metrics.get("target_met") is False:
         raise GateFailed(f"stage {cur.stage} missed its target by more than 5 points ({cur.metrics.get('shortfall')}); "
                          f"artifacts kept in {cur.dir}")
+    onnx = cur.metrics.get("onnx")
+    if onnx is not None and 100 * (prev.metrics["accuracy"] - onnx["accuracy"]) > section.max_drop:
+        raise GateFailed(
+            f"the ONNX file ({onnx['mode']}, onnxruntime) dropped VAL accuracy by "
+            f"{100 * (prev.metrics['accuracy'] - onnx['accuracy']):.2f} points ({100 * prev.metrics['accuracy']:.2f}% "
+            f"-> {100 * onnx['accuracy']:.2f}%), more than quantize.max_drop {section.max_drop}; artifacts kept in "
+            f"{cur.dir}")
     drop = 100 * (prev.metrics["accuracy"] - cur.metrics["accuracy"])
     if drop > section.max_drop:
         raise GateFailed(
@@ -367,12 +384,17 @@ def _run_benchmark(ctx: _Ctx, records: list[StageRecord], sdir: str, chain: str)
 
     b = ctx.cfg.benchmark
     final = records[-1]
-    report = bench_report([final.model_path], tuple(b.threads), tuple(b.batch_sizes), b.runs, b.warmup, b.trials)
+    files = [final.model_path]
+    onnx = os.path.join(os.path.dirname(final.model_path), "model.onnx")
+    if final.metrics.get("onnx") and os.path.exists(onnx):
+        files.append(onnx)  # the same table for both runtimes, interleaved in one run
+    report = bench_report(files, tuple(b.threads), tuple(b.batch_sizes), b.runs, b.warmup, b.trials)
     _write_json(os.path.join(sdir, "bench.json"), report.to_dict())
     metrics = dict(final.metrics)
     metrics["stage"] = "benchmark"
     metrics["bench"] = [
-        {"threads": r.threads, "batch_size": r.batch_size, "p50_ms": r.p50_interval.median,
+        {"model": os.path.basename(r.model), "runtime": r.runtime, "threads": r.threads, "batch_size": r.batch_size,
+         "p50_ms": r.p50_interval.median, "init_ms": r.init_ms, "first_inference_ms": r.first_inference_ms,
          "p50_interval_ms": [r.p50_interval.low, r.p50_interval.high], "trials": r.p50_interval.trials,
          "p95_ms": r.latency_ms.p95, "throughput_per_s": r.throughput_per_s, "delegate": r.delegate,
          "io": r.extra.get("io"), "peak_rss_mb": r.memory_mb.get("peak_rss"),
@@ -385,6 +407,7 @@ def _run_benchmark(ctx: _Ctx, records: list[StageRecord], sdir: str, chain: str)
                  "finished": time.time()})
     for r in report.results:
         i = r.p50_interval
-        ctx.log(f"threads {r.threads} batch {r.batch_size}: p50 {i.median:.3f} ms ({i.low:.3f}-{i.high:.3f}, "
+        ctx.log(f"{os.path.basename(r.model)} ({r.runtime}) threads {r.threads} batch {r.batch_size}: p50 "
+                f"{i.median:.3f} ms ({i.low:.3f}-{i.high:.3f}, "
                 f"{i.trials} trials), inference memory +{r.memory_mb.get('rss_increase') or 0:.1f} MB")
     return StageRecord("benchmark", sdir, final.model_path, metrics)

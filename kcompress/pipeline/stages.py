@@ -137,7 +137,13 @@ def stage_quantize(ctx, model, out_dir: str, prev_accuracy: float):
 
     c = ctx.cfg.quantize
     opts, _ = choose_float_layers(model, c, ctx.train, ctx.val, log=ctx.log)
-    ptq = convert(model, opts, calibration=ctx.calibration(input_shape(model)))
+    if c.mode == QuantMode.INT4_WEIGHTS:  # ai-edge-quantizer; recipe auto chooses per layer on VAL
+        from kcompress.quantization.aeq import int4_weights
+
+        ptq, _ = int4_weights(model, convert(model), c.recipe, ctx.calibration(input_shape(model)), ctx.val,
+                              c.max_drop, log=ctx.log)
+    else:
+        ptq = convert(model, opts, calibration=ctx.calibration(input_shape(model)))
     ptq_ev = evaluate(ptq, ctx.val, description="validating PTQ")
     ptq_acc = ptq_ev.accuracy
     drop = 100 * (prev_accuracy - ptq_acc)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 
 from kcompress.bench.schema import SpeedUp, clearly_slower, speedup
 from kcompress.errors import UsageError
+from kcompress.evaluation import BeforeAfter
 from kcompress.inputs import as_data, as_model, as_splits, describe, preprocess_of, resolve_options
 from kcompress.options import QATOptions, QuantizeOptions, TrainOptions
 from kcompress.types import QuantMode
@@ -25,7 +26,7 @@ def _quiet(_msg: str) -> None:
 
 
 @dataclass(frozen=True)
-class QuantizeResult:
+class QuantizeResult(BeforeAfter):
     """Post-training quantization of one model, evaluated before (Keras or fp32) and after (the ``.tflite`` in
     LiteRT) on the same data. Latencies are p50 at 1 thread, batch 1, on this host: ``latency_*_ms`` the median of
     the ``latency_*_trials_ms`` (the p50s of trials timed interleaved, fp32 and quantized in turn)."""
@@ -45,6 +46,19 @@ class QuantizeResult:
     latency_trials_ms: tuple = ()
     test: Optional[dict] = None  # before_accuracy / after_accuracy on TEST (chose nothing), when given
     metadata_bytes: int = 0  # kcompress's metadata in ``tflite`` (preprocessing, class names)
+    precision: Optional[dict] = None  # int4-weights: per-layer weights, int8 comparison, slower_than (aeq.py)
+
+    @property
+    def smaller_but_slower(self) -> Optional[str]:
+        """int4-weights: one line when the file is smaller than int8/fp32 but measured slower than them, else None."""
+        slower = (self.precision or {}).get("slower_than") or []
+        if not slower:
+            return None
+        p = self.precision
+        return (f"{self.options.mode} is smaller ({self.size_bytes} bytes; int8 {p['int8_bytes']}, fp32 "
+                f"{self.fp32_size_bytes}) but measured SLOWER than {' and '.join(slower)} here (p50 "
+                f"{self.latency_ms:.3f} ms; int8 {p['latency_int8_ms']:.3f}, fp32 {self.latency_fp32_ms:.3f}; 1 "
+                "thread): LiteRT's XNNPACK has no int4 conv/dense kernels. Choose it for size, not speed.")
 
     @property
     def size_bytes(self) -> int:
@@ -70,20 +84,6 @@ class QuantizeResult:
     def latency_ratio(self) -> float:
         """The median of :attr:`speedup`'s ratios; print it with its interval (``speedup.text()``)."""
         return self.speedup.median
-
-    @property
-    def accuracy_delta(self) -> float:
-        """After minus before, as a fraction (-0.003 = 0.3 points lost)."""
-        return self.after.accuracy - self.before.accuracy
-
-    @property
-    def drop_points(self) -> float:
-        return -100 * self.accuracy_delta
-
-    @property
-    def within_max_drop(self) -> bool:
-        """The drop stayed within ``options.max_drop`` points (the CLI exits 1 otherwise)."""
-        return self.drop_points <= self.options.max_drop
 
     @property
     def slower(self) -> bool:
@@ -114,7 +114,8 @@ class QuantizeResult:
                 "latency_fp32_p50_trials_ms": list(self.latency_fp32_trials_ms),
                 "latency_p50_trials_ms": list(self.latency_trials_ms), "latency_ratio": self.latency_ratio,
                 "speedup": self.speedup.to_dict(), "hint": self.hint, "float_layer_plan": self.float_layer_plan,
-                "test": self.test, "metadata_bytes": self.metadata_bytes}
+                "test": self.test, "metadata_bytes": self.metadata_bytes, "precision": self.precision,
+                "smaller_but_slower": self.smaller_but_slower}
 
     def save(self, path: str, overwrite: bool = False) -> str:
         from kcompress.io import atomic_write_bytes
@@ -125,7 +126,7 @@ class QuantizeResult:
 
 def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_data=None, test_split: float = 0.0,
              options: Optional[QuantizeOptions] = None, preprocess=None, limit: Optional[int] = None, seed: int = 0, log: Callable[[str], None] = _quiet,
-             trust_model: bool = False, **option_fields) -> QuantizeResult:
+             trust_model: bool = False, recipe=None, **option_fields) -> QuantizeResult:
     """Post-training quantization of ``model`` to a ``.tflite``, calibrated on ``data`` and checked in LiteRT.
 
     ``model``: a path (Keras 2/3 file, SavedModel, or a Keras 3 ``model.export()`` folder) or a Keras model; a
@@ -136,6 +137,10 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
     ``float_layers=("auto",)``, ``max_drop=0.3`` ...). ``limit`` evaluates a stratified, seeded subset only.
     ``test_data`` (or ``test_split`` of ``data``): TEST, which chose nothing; before and after are measured on it
     too (``result.test``). The ``.tflite`` carries the preprocessing and class names as metadata.
+    ``mode="int4-weights"`` (needs ``kcompress[aeq]``): int4 conv/dense weights, int8 activations; ``recipe``
+    sets weights per layer (rules, a JSON/YAML file, or ``"auto"``: chosen within ``max_drop`` on VAL; see
+    :mod:`kcompress.quantization.aeq`). ``result.precision`` holds the per-layer weights as found in the file, the
+    int8 file's size and latency, and ``slower_than`` (see ``result.smaller_but_slower``).
     """
     from kcompress import __version__
     from kcompress.bench.host import bench_tflite_many
@@ -149,6 +154,10 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
     from kcompress.quantization.sensitivity import choose_float_layers
 
     opts = resolve_options(QuantizeOptions, options, mode=mode, **option_fields)
+    if opts.mode == QuantMode.INT4_WEIGHTS:  # fail before any conversion when the extra is missing
+        from kcompress.quantization.aeq import require_aeq
+
+        require_aeq()
     preprocess = preprocess_of(data, preprocess)
     if opts.mode == QuantMode.FP32 and opts.float_layers:
         raise UsageError("float_layers has no meaning with mode fp32 (everything is float)")
@@ -175,12 +184,29 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
     log(f"Converting {describe(model)} ({opts.mode}, {'per-channel' if opts.per_channel else 'per-tensor'} "
         "weights) ...")
     fp32 = fp32 or convert(source)
-    quant = fp32 if opts.mode == QuantMode.FP32 else convert(
-        source, opts, calibration=lambda: src.calibration_samples(shape, opts.calibration_samples, seed=seed))
+    calibration = lambda: src.calibration_samples(shape, opts.calibration_samples, seed=seed)  # noqa: E731
+    precision, int8 = None, None
+    if recipe is not None and opts.mode != QuantMode.INT4_WEIGHTS:
+        raise UsageError("recipe applies to mode int4-weights only")
+    recipe = recipe if recipe is not None else opts.recipe  # rules (API only), or the option's file / "auto"
+    if opts.mode == QuantMode.INT4_WEIGHTS:  # ai-edge-quantizer on the fp32 file; int8 made too, to compare
+        from kcompress.quantization.aeq import int4_weights
+
+        quant, precision = int4_weights(None if exported else source, fp32, recipe, calibration, val,
+                                        opts.max_drop, log=log)
+        int8 = convert(source, opts.replace(mode=QuantMode.INT8, recipe=None), calibration=calibration)
+    else:
+        quant = fp32 if opts.mode == QuantMode.FP32 else convert(source, opts, calibration=calibration)
     before = evaluate(fp32 if exported else source, val, limit=limit,
                       description="evaluating fp32" if exported else "evaluating keras")
     after = evaluate(quant, val, limit=limit, description="evaluating tflite")
-    lat_fp32, lat_q = bench_tflite_many([fp32, quant], threads=1, runs=20, warmup=10, trials=5)  # interleaved
+    lat_fp32, lat_q, *lat_8 = bench_tflite_many([fp32, quant] + ([int8] if int8 else []), threads=1, runs=20,
+                                                warmup=10, trials=5)  # interleaved
+    if precision is not None:
+        precision.update(int8_bytes=len(int8), latency_int8_ms=lat_8[0].p50_interval.median,
+                         latency_int8_trials_ms=list(lat_8[0].trial_p50s), slower_than=[
+                             name for name, ref, size in (("int8", lat_8[0], len(int8)), ("fp32", lat_fp32, len(fp32)))
+                             if len(quant) < size and clearly_slower(ref.trial_p50s, lat_q.trial_p50s, SLOWER_MARGIN)])
     figures = test_figures({"before": fp32 if exported else source, "after": quant}, test)
     plain = len(quant)
     quant = add_metadata(quant, {"kcompress_version": __version__, **deployment_info(src)})
@@ -188,7 +214,7 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
                           before=before, after=after, source_bytes=path_size(path) if path else None,
                           latency_fp32_ms=lat_fp32.p50_interval.median, latency_ms=lat_q.p50_interval.median,
                           float_layer_plan=plan, latency_fp32_trials_ms=lat_fp32.trial_p50s,
-                          latency_trials_ms=lat_q.trial_p50s)
+                          latency_trials_ms=lat_q.trial_p50s, precision=precision)
 
 
 def qat(model, data, *, val_data=None, test_data=None, test_split: float = 0.0, train_limit: Optional[int] = None,
@@ -217,7 +243,7 @@ def qat(model, data, *, val_data=None, test_data=None, test_split: float = 0.0, 
     distribute_early(topts.strategy)  # multi-worker: before any model is loaded
     checkpoint_dir = worker_path(checkpoint_dir, copy=resume) if checkpoint_dir else None  # the chief's only
     preprocess = preprocess_of(data, preprocess)
-    q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8)
+    q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8, recipe=None)
     m = as_model(model, stage="qat", trust_model=trust_model).model
     train, val, test = as_splits(data, val_data, test_data, test_split=test_split, seed=seed, preprocess=preprocess,
                                  train_limit=train_limit)

@@ -113,6 +113,13 @@ def convert(
     """
     options = options or QuantizeOptions(mode=QuantMode.FP32)
     mode = options.mode
+    if mode == QuantMode.INT4_WEIGHTS:  # ai-edge-quantizer rewrites the fp32 file: every conv/dense int4
+        from kcompress.quantization.aeq import int4_weights
+
+        if calibration is None:
+            raise UsageError(f"mode {mode} needs calibration data (--data)")
+        return int4_weights(model if not isinstance(model, str) else None, convert(model), options.recipe,
+                            calibration, max_drop=options.max_drop)[0]
     if mode in ("int8", "int16x8") and calibration is None:
         raise UsageError(f"mode {mode} needs calibration data (--data)")
     if mode != "int8" and options.float_layers:

@@ -69,7 +69,7 @@ def export_tflite(qmodel, data: DataSource, quantize: QuantizeOptions, seed: int
     from kcompress.quantization.ptq import convert
 
     shape = input_shape(qmodel)
-    opts = quantize.replace(mode=QuantMode.INT8, io=quantize.io_type)
+    opts = quantize.replace(mode=QuantMode.INT8, io=quantize.io_type, recipe=None)
     return convert(qmodel, opts,
                    calibration=lambda: data.calibration_samples(shape, quantize.calibration_samples, seed=seed))
 
@@ -276,7 +276,7 @@ def qat(
     from kcompress.quantization.ptq import convert
 
     options = options or QATOptions()
-    q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8)
+    q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8, recipe=None)
     if q.auto_float_layers:
         raise UsageError("qat takes resolved float layer names; choose them with auto_float_layers first")
     q = q.replace(io=q.io_type)

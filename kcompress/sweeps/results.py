@@ -132,7 +132,8 @@ def _markdown(result: SweepResult, keys: list[str], plots: list[str], header: di
              f"{header.get('sampler')}, objectives {', '.join(result.objectives)}; "
              f"{sum(t.shared_stages for t in result.trials)} stages shared between trials.",
              "Accuracy is VAL (it chose the front)" + ("; TEST is reported beside it and chose nothing." if test else
-                                                      "; there is no TEST split, so it is optimistic."), ""]
+                                                      "; there is no TEST split, so it is optimistic."
+                                                      if result.done else "."), ""]
 
     def table(title: str, rows) -> None:
         head = ["trial", *keys, "status", "val accuracy", *(["test accuracy"] if test else []), "size", "p50",

@@ -50,7 +50,7 @@ def share_keys(cfg) -> list[tuple[str, str]]:
         section = dict(d["model" if stage == "train" else stage])
         if stage != "quantize":
             section.pop("max_drop", None)
-        extra = d["qat"] if stage == "quantize" else None
+        extra = [d["qat"], d.get("convert")] if stage == "quantize" else None
         key = json.dumps([key, stage, section, extra], sort_keys=True)
         out.append((stage, key))
     return out
@@ -159,11 +159,16 @@ def run_trial(spec: dict) -> dict:
             logf.flush()
 
         try:
-            record.update(_run(spec, trial_dir, log))
+            record.update(_run(spec, trial_dir, log, record))
             record["status"] = "done"
         except Exception as e:  # a failed trial is recorded, and the sweep goes on
             from kcompress.errors import KcompressError
 
+            # the shared stages it did not redo: those copied whose stage.json the runner left in place (it deletes
+            # a stage's stage.json before rerunning it)
+            kept = [st for st in record.pop("copied", ())
+                    if os.path.exists(os.path.join(trial_dir, STAGE_DIRS[st], "stage.json"))]
+            record.update(shared_stages=len(kept), shared=kept, shared_from=record["shared_from"] if kept else None)
             record["reason"] = str(e) if isinstance(e, KcompressError) else f"{type(e).__name__}: {e}"
             log(traceback.format_exc())
     record["seconds"] = round(time.time() - t0, 1)
@@ -173,7 +178,7 @@ def run_trial(spec: dict) -> dict:
     return record
 
 
-def _run(spec: dict, trial_dir: str, log) -> dict:
+def _run(spec: dict, trial_dir: str, log, record: dict) -> dict:
     from kcompress.pipeline.runner import run_pipeline
     from kcompress.sweeps.space import trial_config
 
@@ -182,8 +187,10 @@ def _run(spec: dict, trial_dir: str, log) -> dict:
     copied, source = share_stages(cfg, trial_dir, spec["sweep_dir"])
     if copied:
         log(f"sharing {', '.join(copied)} from {source}")
+        record.update(copied=list(copied), shared_from=source)
     result = run_pipeline(cfg, trial_dir, resume=True, log=log, report=False,
                           trust_model=bool(spec.get("trust_model")))
     shared = [r.stage for r in result.stages if r.skipped and r.stage in copied]
+    record.pop("copied", None)
     return {"shared_stages": len(shared), "shared": shared, "shared_from": source if shared else None,
             "metrics": trial_metrics(result)}
