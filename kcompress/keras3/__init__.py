@@ -48,13 +48,12 @@ from kcompress.keras3.rebuild import (
     MODEL_CLASSES,
     Side,
     convert_entry,
-    copy_weights,
-    is_model,
     k3_side,
     register_layer_converter,
     tfk_side,
     unregister_layer_converter,
 )
+from kcompress.keras3.weights import copy_weights, is_model
 
 __all__ = [
     "is_keras3_file",

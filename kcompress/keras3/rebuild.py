@@ -13,16 +13,14 @@ from __future__ import annotations
 import copy
 import inspect
 import re
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
-
-import numpy as np
 
 from kcompress.backend import keras, keras3
 from kcompress.errors import KcompressError
 
-__all__ = ["register_layer_converter", "unregister_layer_converter"]
+__all__ = ["register_layer_converter", "unregister_layer_converter", "find_converter", "convert_entry", "Side", "k3_side",
+           "tfk_side", "MODEL_CLASSES"]
 
 
 # Activation names that exist in both Keras versions and compute the same function. Keras 3 has more (hard_silu,
@@ -87,7 +85,7 @@ def unregister_layer_converter(class_name: str) -> None:
     _CONVERTERS.pop(class_name, None)
 
 
-def _find_converter(entry: dict) -> _Converter | None:
+def find_converter(entry: dict) -> _Converter | None:
     for key in (entry.get("registered_name"), entry.get("class_name")):
         if key and key in _CONVERTERS:
             return _CONVERTERS[key]
@@ -135,7 +133,7 @@ def convert_entry(entry: dict, src: Side, dst: Side, custom_objects: dict, graph
         out["class_name"] = "Sequential" if class_name == "Sequential" else "Functional"
         out["config"] = _convert_model_config(config, class_name == "Sequential", src, dst, custom_objects)
     else:
-        converter = _find_converter(entry)
+        converter = find_converter(entry)
         direction_fn = None
         if converter is not None:
             direction_fn = converter.to_tf_keras if dst.pkg is keras else converter.to_keras3
@@ -493,49 +491,3 @@ def _keras3_tensors(obj) -> list:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _keras3_tensors(v)]
     return []
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Weights
-
-
-def copy_weights(src_model, dst_model, src: Side, dst: Side) -> None:
-    """Copy weights layer by layer (matched by name), recursing into nested models; shapes must agree."""
-    for layer in src_model.layers:
-        try:
-            target = dst_model.get_layer(layer.name)
-        except ValueError as err:
-            raise KcompressError(f"layer {layer.name!r} is missing from the rebuilt {dst.name} model") from err
-        if is_model(layer):
-            copy_weights(layer, target, src, dst)
-            continue
-        weights = layer.get_weights()
-        converter = _find_converter({"class_name": type(layer).__name__,
-                                     "registered_name": _registered_name(layer)})
-        fn = None
-        if converter is not None:
-            fn = converter.weights_to_tf_keras if dst.pkg is keras else converter.weights_to_keras3
-        if fn is not None:
-            weights = list(fn(weights))
-        expected = [tuple(w.shape) for w in target.get_weights()]
-        got = [tuple(np.shape(w)) for w in weights]
-        if expected != got:
-            raise KcompressError(
-                f"layer {layer.name!r} ({type(layer).__name__}): weight shapes {got} do not fit the rebuilt "
-                f"{dst.name} layer's {expected}"
-            )
-        if weights:
-            target.set_weights(weights)
-            if hasattr(target, "finalize_state"):
-                target.finalize_state()  # Normalization & co. derive their tensors from the adapted variables
-
-
-def is_model(layer) -> bool:
-    return type(layer).__name__ in MODEL_CLASSES and hasattr(layer, "layers")
-
-
-def _registered_name(layer) -> str | None:
-    k3 = sys.modules.get("keras")
-    if k3 is not None and isinstance(layer, k3.layers.Layer):
-        return k3.saving.get_registered_name(type(layer))
-    return keras.utils.get_registered_name(type(layer))
