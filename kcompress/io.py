@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from kcompress.atomic import atomic_path, atomic_write_bytes, atomic_write_text, check_output_path
 from kcompress.errors import KcompressError
@@ -112,8 +112,16 @@ def load_model(path: str, compile: bool = False, stage: str = "this step", trust
     from kcompress.backend import keras
 
     kwargs = {"safe_mode": not trust} if fmt == "keras" else {}
+    scope: Any = contextlib.nullcontext()
+    from kcompress.safety import uses_tfmot_qat
+
+    if uses_tfmot_qat(path, fmt):  # a QAT model (kcompress qat --keras-out): tfmot's classes
+        from kcompress.backend import tfmot
+
+        scope = tfmot().quantization.keras.quantize_scope()
     try:
-        model = keras.models.load_model(path, compile=compile, **kwargs)
+        with scope:
+            model = keras.models.load_model(path, compile=compile, **kwargs)
     except Exception as e:  # tf_keras raises many types for unreadable files
         msg = " ".join(str(e).split()) if str(e) else type(e).__name__
         raise KcompressError(f"{path}: cannot load the model ({msg[:300]})") from None
@@ -140,6 +148,14 @@ def save_model(model, path: str, overwrite: bool = False, keras3: bool = False) 
     came with Keras 3 get Keras 3 back.
     """
     check_output_path(path, overwrite)
+    if path.endswith(".keras") and not keras3:
+        from kcompress.safety import TFMOT_QAT_LAYERS
+
+        if any(type(layer).__name__ in TFMOT_QAT_LAYERS for layer in getattr(model, "layers", ())):
+            # tfmot restores a QuantizeLayer's variables from .h5 and SavedModel, not from .keras (it expects 5
+            # variables and finds 3), so such a file would not load back
+            raise KcompressError(f"{path}: a quantization-aware (tfmot) model does not load back from a .keras "
+                                 "file; save it as .h5 or a SavedModel folder (a path without extension)")
     if keras3:
         from kcompress.keras3 import save_keras3
 

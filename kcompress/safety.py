@@ -27,7 +27,12 @@ from typing import Any, Iterator, Optional
 
 from kcompress.errors import KcompressError
 
-__all__ = ["TRUST_HINT", "UnsafeModel", "check_model_file", "check_config", "stored_configs"]
+__all__ = ["TRUST_HINT", "TFMOT_QAT_LAYERS", "UnsafeModel", "check_model_file", "check_config", "stored_configs",
+           "uses_tfmot_qat"]
+
+#: tfmot's quantization-aware training layers (a model saved by ``kcompress qat --keras-out``): their configs are
+#: data (quantizer and config classes from tfmot's own registry), loaded inside tfmot's ``quantize_scope``.
+TFMOT_QAT_LAYERS = frozenset({"QuantizeLayer", "QuantizeWrapper", "QuantizeWrapperV2", "QuantizeAnnotate"})
 
 TRUST_HINT = "if you trust this file, pass --trust-model (trust_model=True in the Python API) to load it anyway"
 
@@ -106,7 +111,7 @@ def _is_known(class_name: str, registered_name: Any = None) -> bool:
     global _KNOWN
     if _KNOWN is None:
         _KNOWN = _builtin_layers()
-    if class_name in _KNOWN:
+    if class_name in _KNOWN or class_name in TFMOT_QAT_LAYERS:
         return True
     return _registered(class_name) or (isinstance(registered_name, str) and _registered(registered_name))
 
@@ -176,6 +181,19 @@ def stored_configs(path: str, fmt: str) -> Iterator[dict]:
         for node in meta.nodes:
             if node.identifier.startswith("_tf_keras_") and node.identifier != "_tf_keras_metric":
                 yield _json(node.metadata, path)
+
+
+def uses_tfmot_qat(path: str, fmt: str) -> bool:
+    """Whether the file's architecture holds tfmot QAT layers (then it loads inside tfmot's ``quantize_scope``)."""
+    def walk(obj) -> bool:
+        if isinstance(obj, dict):
+            return obj.get("class_name") in TFMOT_QAT_LAYERS or any(walk(v) for v in obj.values())
+        return isinstance(obj, list) and any(walk(v) for v in obj)
+
+    try:
+        return any(walk(config) for config in stored_configs(path, fmt))
+    except KcompressError:
+        return False
 
 
 def check_model_file(path: str, fmt: str) -> None:

@@ -137,3 +137,24 @@ def test_keras3_lambda_is_refused_and_the_message_says_how_to_trust(tmp_path):
     with pytest.raises(kc.KcompressError, match="Lambda"):  # trusted, Keras 3 loads it; tf_keras cannot rebuild it
         kc.load_model(path, trust_model=True)
     assert os.path.exists(marker)
+
+
+def test_qat_model_saved_as_h5_or_savedmodel_loads_back_safely_and_keras_is_refused(tmp_path):
+    import numpy as np
+
+    from kcompress.backend import tfmot
+    from kcompress.errors import KcompressError
+    from kcompress.io import load_model, save_model
+
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Flatten()(keras.layers.Conv2D(4, 3)(inp))
+    qat = tfmot().quantization.keras.quantize_model(keras.Model(inp, keras.layers.Dense(10)(x)))
+    xs = np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 1)).astype("float32")
+    for name in ("q.h5", "q_savedmodel"):
+        save_model(qat, str(tmp_path / name))
+        back = load_model(str(tmp_path / name))  # safe mode: tfmot's layers are known, nothing trusted
+        assert [type(layer).__name__ for layer in back.layers] == [type(layer).__name__ for layer in qat.layers]
+        np.testing.assert_allclose(back(xs).numpy(), qat(xs).numpy(), atol=1e-6)
+    with pytest.raises(KcompressError, match="does not load back from a .keras"):
+        save_model(qat, str(tmp_path / "q.keras"))
+    assert not (tmp_path / "q.keras").exists()

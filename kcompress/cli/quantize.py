@@ -36,6 +36,7 @@ from kcompress.cli.console import (
     trust_model_option,
     wrote,
 )
+from kcompress.errors import UsageError
 from kcompress.options import QATOptions, QuantizeOptions
 
 __all__ = ["quantize", "qat", "sensitivity"]
@@ -192,7 +193,8 @@ def _gate(ok: bool, drop: float, max_drop: float, out: str, final: str, split: s
 @train_options
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of shuffling and sampling (config: seed).")
 @click.option("-o", "--out", default=None, help="Output .tflite [default: MODEL_qat_int8.tflite].")
-@click.option("--keras-out", default=None, help="Also save the QAT Keras model here (to keep training it).")
+@click.option("--keras-out", default=None, help="Also save the QAT Keras model here, as .h5 or a SavedModel folder "
+                                                "(to keep training it; kcompress commands load it back).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison and layer table as JSON.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its per-epoch checkpoints (OUT.ckpt/).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (and start over their checkpoints).")
@@ -225,6 +227,9 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, m
     for path in (out, keras_out):
         if path:
             check_output_path(path, overwrite or resume)
+    if keras_out and keras_out.endswith(".keras"):  # before training, not after (see kcompress.io.save_model)
+        raise UsageError(f"--keras-out {keras_out}: a quantization-aware model does not load back from a .keras file "
+                         "(tfmot); use .h5 or a folder (SavedModel)")
     log = (lambda m: None) if as_json else click.echo
     topts = train_settings(kw)
     res = kc.qat(model, data_spec, val_data=val_data, test_data=test_data, test_split=test_split,
@@ -252,7 +257,7 @@ def qat(model, data_spec, val_data, epochs, lr, batch_size, preserve_sparsity, m
         click.echo(f"Warning: {w}", err=True)
     wrote(out)
     if keras_out:
-        wrote(keras_out, "load it inside tfmot.quantization.keras.quantize_scope()")
+        wrote(keras_out, "kcompress loads it; your own code: inside tfmot.quantization.keras.quantize_scope()")
 
 
 @click.command("sensitivity")
