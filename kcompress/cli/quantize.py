@@ -133,7 +133,7 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     r.save(final, overwrite=True if final != out else overwrite)
     if as_json:
         print_json({**r.to_dict(), "out": final})
-        _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, final, r.data)
+        _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, final, r.data, r.options.mode)
         return
     _print_plan(con, r.float_layer_plan)
     split = "val" if val_data else "data"
@@ -153,7 +153,7 @@ def quantize(model: str, data: str, mode: str, out: Optional[str], val_data: Opt
     if r.precision:
         _print_precision(con, r)
     wrote(final)
-    _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, final, r.data)
+    _gate(r.within_max_drop, r.drop_points, r.options.max_drop, out, final, r.data, r.options.mode)
 
 
 def _print_precision(con, r) -> None:
@@ -170,10 +170,12 @@ def _print_precision(con, r) -> None:
         click.echo(f"Warning: {r.smaller_but_slower}", err=True)
 
 
-def _gate(ok: bool, drop: float, max_drop: float, out: str, final: str, split: str) -> None:
+def _gate(ok: bool, drop: float, max_drop: float, out: str, final: str, split: str, mode: str = "int8") -> None:
     if not ok:
+        fix = "--recipe auto (int4/int8/float per layer)" if mode == "int4-weights" else \
+            "--float-layers auto or kcompress qat"
         click.echo(f"Error: quantization lost {drop:.2f} points on {split}, more than --max-drop {max_drop} (kept as "
-                   f"{final}, not {out}; try --float-layers auto or kcompress qat)", err=True)
+                   f"{final}, not {out}; try {fix})", err=True)
         sys.exit(1)
 
 
