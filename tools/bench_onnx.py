@@ -5,7 +5,7 @@ The model: --model PATH (a Keras model), else the ResNet-20-style teacher (kcomp
 or loaded from --models-dir (the cache tools/bench_ptq.py writes: cifar_resnet.keras). Then:
 
 - LiteRT fp32 (the TFLite converter) and LiteRT int8 (``kc.quantize``: full integer, per-channel, int8 I/O);
-- ONNX fp32 (``export_onnx``, checked against Keras) and ONNX Runtime int8 static QDQ (S8S8, MinMax), per-channel
+- ONNX fp32 (``export_onnx``, checked against Keras) and ONNX Runtime int8 static QDQ (U8S8, MinMax), per-channel
   AND per-tensor.
 
 Every int8 model is calibrated on the SAME stratified, seeded samples of TRAIN (``--calibration-samples``); every
