@@ -76,11 +76,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--out-dir", default="bench-int4")
+    ap.add_argument("--max-drop", type=float, default=1.0, help="Budget (points, on VAL) of the auto recipe row.")
     ap.add_argument("--smoke", action="store_true", help="Tiny untrained model, 64 images, few runs.")
     args = ap.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
     train, test = _data(args)
     model, name = _model(args, train)
+    # VAL (chooses the mixed-precision recipe): a stratified 4% of TRAIN, never used to calibrate; TEST reports
+    train, val = (train, train) if args.smoke else train.split(0.04, what="VAL")
     shape = tuple(model.input_shape[1:])
     calib = lambda: train.calibration_samples(shape, 32 if args.smoke else 200)  # noqa: E731
     fp32 = convert(model)
@@ -89,6 +92,8 @@ def main() -> None:
              "int16x8": convert(model, QuantizeOptions(mode="int16x8"), calibration=calib)}
     files["int4-weights"], rep4 = int4_weights(model, fp32, None, calib)
     files["int4 + first/last int8"], rep_r = int4_weights(model, fp32, FIRST_LAST_INT8, calib)
+    auto = f"int4 auto (max_drop {args.max_drop} on VAL)"
+    files[auto], rep_a = int4_weights(model, fp32, "auto", calib, val, args.max_drop)
     runs, trials = (10, 2) if args.smoke else (args.runs, args.trials)
     lat = bench_tflite_many(list(files.values()), threads=1, runs=runs, warmup=5, trials=trials)
     rows = []
@@ -101,7 +106,8 @@ def main() -> None:
     target = host_target(**versions())
     doc = {"model": name, "test": test.name, "test_samples": test.num_samples, "cpu": target["cpu"],
            "target": target, "threads": 1, "batch": 1, "rows": rows,
-           "int4_layers": rep4["layers"], "recipe_layers": rep_r["layers"], "scheme": rep4["scheme"]}
+           "int4_layers": rep4["layers"], "recipe_layers": rep_r["layers"], "scheme": rep4["scheme"],
+           "auto_layers": rep_a["layers"], "auto_counts": rep_a["counts"], "auto_plan": rep_a["plan"]}
     base = {r["mode"]: r for r in rows}
     print(f"\n{name} on {test.name} ({test.num_samples} images), {target['cpu']}, 1 thread, batch 1\n")
     print("| mode | size | vs fp32 | TEST acc | p50 ms | vs int8 p50 |")
@@ -112,6 +118,7 @@ def main() -> None:
     path = os.path.join(args.out_dir, "bench_int4.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2)
+    print(f"\nauto recipe: {rep_a['counts']} (layers per weight type, as found in the file)")
     print(f"\nWrote {path}")
 
 

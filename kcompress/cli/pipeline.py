@@ -72,10 +72,15 @@ def _print_stages(con, rows) -> None:
         row = [stage + (f" ({m['method']})" if m.get("method") else ""), pct(acc(m)), f"{100 * (acc(m) - base):+.2f}"]
         row += [pct(m["accuracy"])] if split == "test" else []
         out.append(row + [mb(size), f"{m.get('params') or '-'}", ms(m.get("latency_p50_ms"))])
+        o = m.get("onnx")
+        if o and (split == "val" or "test" in o):  # convert.formats [tflite, onnx]: the ONNX file beside it
+            row = [f"{stage} (onnx {o['mode']}, onnxruntime)", pct(acc(o)), f"{100 * (acc(o) - base):+.2f}"]
+            row += [pct(o["accuracy"])] if split == "test" else []
+            out.append(row + [mb(o["size_bytes"]), f"{m.get('params') or '-'}", ms(o.get("latency_p50_ms"))])
     head = [f"{split} accuracy", "Δ points"] + (["val accuracy"] if split == "test" else [])
     title = ("stages on TEST (chose nothing; VAL chose epochs, PTQ vs QAT, float layers)" if split == "test" else
              "stages on VAL (no test split: VAL also chose, so these figures are optimistic)")
-    print_table(f"{title}; size and latency of the .tflite, Keras stages as fp32 .tflite",
+    print_table(f"{title}; size and latency of the .tflite (or .onnx), Keras stages as fp32 .tflite",
                 ["stage", *head, "size", "params", "p50 1 thread"], out, con)
 
 
