@@ -179,9 +179,15 @@ def test_cli_qat_and_sensitivity(trained, tmp_path):
     save_model(trained, path)
     out = str(tmp_path / "m_qat.tflite")
     args = ["qat", path, "--data", "digits:train", "--val-data", "digits:val", "--scale", "1/255", "--epochs", "1",
-            "-o", out, "--keras-out", str(tmp_path / "qat.keras")]  # fmt: skip
+            "-o", out, "--keras-out", str(tmp_path / "qat.h5")]  # fmt: skip
+    r = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "qat.keras")])  # tfmot cannot restore .keras
+    assert r.exit_code == 2 and "use .h5" in r.output and not (tmp_path / "m_qat.tflite").exists()  # refused before training
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
+    from kcompress.io import load_model
+
+    qat_model = load_model(str(tmp_path / "qat.h5"))  # loads back, safely, with tfmot's layers
+    assert any(type(layer).__name__ == "QuantizeWrapperV2" for layer in qat_model.layers)
     assert "PTQ int8" in r.output and "QAT int8" in r.output and "folded" in r.output
     assert TFLiteModel(out).input_dtype == np.int8
     from kcompress.quantization.metadata import read_metadata

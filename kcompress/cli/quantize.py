@@ -196,7 +196,7 @@ def _gate(ok: bool, drop: float, max_drop: float, out: str, final: str, split: s
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of shuffling and sampling (config: seed).")
 @click.option("-o", "--out", default=None, help="Output .tflite [default: MODEL_qat_int8.tflite].")
 @click.option("--keras-out", default=None, help="Also save the QAT Keras model here, as .h5 or a SavedModel folder "
-                                                "(to keep training it; kcompress commands load it back).")
+                                                "(to keep training it; it loads back with kc.load_model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison and layer table as JSON.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its per-epoch checkpoints (OUT.ckpt/).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (and start over their checkpoints).")
