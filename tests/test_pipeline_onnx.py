@@ -106,3 +106,24 @@ def test_modes_without_an_onnx_equivalent_say_what_onnx_gets():
     assert onnx_mode("float16")[0] == "fp32" and onnx_mode("int16x8")[0] == "int8"
     assert "int16x8" in onnx_mode("int16x8")[1]
     assert np.all([onnx_mode(m)[0] in ("int8", "dynamic", "fp32") for m in ("fp32", "int4-weights")])
+
+
+def test_inspect_reads_an_onnx_file_and_tells_float_from_quantized(both_run):
+    import onnx
+    from conftest import run_cli
+
+    import kcompress as kc
+
+    qdir = os.path.join(both_run[0], "04-quantize")
+    compute = [n for n in onnx.load(os.path.join(qdir, "model_fp32.onnx")).graph.node
+               if n.op_type in ("Conv", "Gemm", "MatMul")]
+    fp32 = kc.inspect(os.path.join(qdir, "model_fp32.onnx"))
+    assert fp32["format"] == "onnx" and fp32["quantization"]["dequantize_linear"] == 0
+    assert len(fp32["quantization"]["float_compute_ops"]) == len(compute) > 0
+    assert fp32["initializer_bytes"]["float32"] > 0 and "int8" not in fp32["initializer_bytes"]
+    q = kc.inspect(os.path.join(qdir, "model.onnx"))
+    assert q["quantization"]["float_compute_ops"] == [] and q["quantization"]["quantize_linear"] > 0
+    assert q["quantization"]["weights_per_channel"] == len(compute) and q["quantization"]["weights_per_tensor"] == 0
+    assert q["initializer_bytes"]["int8"] > 0 and q["inputs"][0]["dtype"] == "float32"
+    out = run_cli("inspect", os.path.join(qdir, "model.onnx"))
+    assert out.exit_code == 0 and "DequantizeLinear" in out.output and "float compute ops: 0" in out.output

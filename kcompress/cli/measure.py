@@ -275,7 +275,7 @@ def _print_bench(report, opts: BenchmarkOptions) -> None:
 @trust_model_option
 @handle_errors
 def inspect_cmd(model: str, as_json: bool) -> None:
-    """Layers (Keras) or ops and tensors (.tflite): shapes, dtypes, parameters, quantization parameters.
+    """Layers (Keras), ops and tensors (.tflite) or nodes (.onnx): shapes, dtypes, parameters, quantization.
 
     For a .tflite file it says which compute ops stayed float and counts QUANTIZE/DEQUANTIZE ops, so a
     "quantized" model that is mostly float shows at a glance.
@@ -284,6 +284,7 @@ def inspect_cmd(model: str, as_json: bool) -> None:
     Examples:
       kcompress inspect model.keras
       kcompress inspect model_int8.tflite --json
+      kcompress inspect model_int8.onnx
     """
     import kcompress as kc
 
@@ -292,6 +293,9 @@ def inspect_cmd(model: str, as_json: bool) -> None:
         print_json(info)
         return
     con = console()
+    if info["format"] == "onnx":
+        _print_onnx(con, model, info)
+        return
     if info["format"] != "tflite":
         rows = [[l["name"], l["class"], l["output_shape"], l["dtype"], f"{l['params']:,}", mb(l["bytes"]),
                  "-" if l["macs"] is None else f"{l['macs']:,}"] for l in info["layers"]]
@@ -336,3 +340,19 @@ def inspect_cmd(model: str, as_json: bool) -> None:
         if meta.get("metrics"):
             con.print("  validated metrics (val): " + json.dumps(meta["metrics"], sort_keys=True))
     con.print("tensor bytes by dtype: " + ", ".join(f"{k} {mb(v['bytes'])}" for k, v in info["tensor_dtypes"].items()))
+
+
+def _print_onnx(con, path: str, info: dict) -> None:
+    """An .onnx file: op counts, weight bytes per dtype, QDQ pairs and per-channel scales, what stayed float."""
+    print_table(f"{path} ({mb(info['file_bytes'])}, opset {info['opset']}, {info['producer']})", ["op", "count"],
+                [[op, n] for op, n in info["op_counts"].items()], con)
+    io = "; ".join(f"{v['name']} {v['shape']} {v['dtype']}" for v in info["inputs"] + info["outputs"])
+    con.print(f"inputs/outputs: {io}", markup=False)
+    q = info["quantization"]
+    con.print("weights: " + ", ".join(f"{k} {mb(v)}" for k, v in info["initializer_bytes"].items())
+              + f"; QuantizeLinear {q['quantize_linear']}, DequantizeLinear {q['dequantize_linear']} (weights "
+              f"per-channel {q['weights_per_channel']}, per-tensor {q['weights_per_tensor']}); float compute ops: "
+              f"{len(q['float_compute_ops'])}", markup=False)
+    if info.get("metadata"):
+        con.print(f"kcompress export record: {info['metadata']}", markup=False)
+

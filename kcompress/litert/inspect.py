@@ -1,4 +1,5 @@
-"""What is inside a Keras model or a ``.tflite`` file: layers/ops, shapes, dtypes, parameters, quantization."""
+"""What is inside a Keras model, a ``.tflite`` or an ``.onnx`` file: layers/ops, shapes, dtypes, parameters,
+quantization."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ def inspect_model(path: str, trust_model: bool = False) -> dict[str, Any]:
     """``{"format", "layers"|"ops", ...}``: per layer (Keras) or per op and tensor (TFLite). A Keras file is loaded
     safely unless ``trust_model`` (see :func:`kcompress.io.load_model`)."""
     fmt = model_format(path)
+    if fmt == "onnx":
+        from kcompress.onnx.inspect import inspect_onnx
+
+        return inspect_onnx(path)
     return _inspect_tflite(path) if fmt == "tflite" else _inspect_keras(path, trust_model)
 
 
