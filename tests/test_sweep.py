@@ -262,3 +262,18 @@ def test_the_shipped_space_validates_against_quickstart():
     assert spaces
     for path in spaces:
         assert load_space(path, base).params
+
+
+@pytest.mark.parametrize("objectives, noted", [(("accuracy", "size"), True), (("accuracy", "size", "latency"), False)])
+def test_a_much_slower_front_trial_is_called_out_unless_latency_is_an_objective(tmp_path, objectives, noted):
+    from kcompress.sweeps.results import SweepResult, TrialResult, write_results
+
+    fast = TrialResult(0, str(tmp_path / "trial-000"), {"quantize.mode": "int8"}, "done", accuracy=0.678,
+                       size_bytes=110_700, latency_ms=0.317)
+    slow = TrialResult(1, str(tmp_path / "trial-001"), {"quantize.mode": "int16x8"}, "done", accuracy=0.680,
+                       size_bytes=117_500, latency_ms=4.768)
+    r = write_results(SweepResult(str(tmp_path), objectives, (fast, slow), (fast, slow), None, {}),
+                      ["quantize.mode"], {"name": "t", "sampler": "grid"}, plots=False)
+    md = open(r.files["md"]).read()
+    assert ("trial-001 is on the front, but its p50 is 15.0x trial-000's" in md) is noted
+    assert "trial-000 is on the front, but" not in md

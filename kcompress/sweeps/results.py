@@ -148,6 +148,7 @@ def _markdown(result: SweepResult, keys: list[str], plots: list[str], header: di
         lines.append("")
 
     table("Pareto front", sorted(result.front, key=lambda t: -(t.accuracy or 0)))
+    lines += _slow_front(result)
     table("All trials", result.trials)
     if result.contributions:
         lines += ["## Contribution of each stage", "",
@@ -170,6 +171,25 @@ def _markdown(result: SweepResult, keys: list[str], plots: list[str], header: di
     for p in plots:
         lines += [f"![{p}]({p})", ""]
     return "\n".join(lines)
+
+
+SLOW_FACTOR = 3.0  # a front trial this many times slower than the front's fastest is called out
+
+
+def _slow_front(result: SweepResult) -> list[str]:
+    """A warning line per front trial that latency was not an objective for and that runs ``SLOW_FACTOR`` times
+    slower than the fastest on the front (e.g. int16x8, which LiteRT's XNNPACK does not accelerate)."""
+    if "latency" in result.objectives:
+        return []
+    timed = [t for t in result.front if t.latency_ms]
+    if len(timed) < 2:
+        return []
+    fastest = min(timed, key=lambda t: t.latency_ms)
+    slow = [t for t in timed if t.latency_ms > SLOW_FACTOR * fastest.latency_ms]
+    notes = [f"Note: {os.path.basename(t.folder)} is on the front, but its p50 is "
+             f"{t.latency_ms / fastest.latency_ms:.1f}x {os.path.basename(fastest.folder)}'s; add latency to the "
+             "objectives if speed matters." for t in slow]
+    return notes + [""] if notes else []
 
 
 def _plots(result: SweepResult, out_dir: str) -> list[str]:
