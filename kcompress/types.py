@@ -18,6 +18,7 @@ __all__ = [
     "Granularity",
     "PruneSchedule",
     "CacheTeacher",
+    "StudentInit",
     "Optimizer",
     "LRSchedule",
     "Strategy",
@@ -95,6 +96,14 @@ class Granularity(StrEnum):
 class PruneSchedule(StrEnum):
     POLYNOMIAL = "polynomial"
     CONSTANT = "constant"
+
+
+class StudentInit(StrEnum):
+    """Where a width-derived student's weights come from."""
+
+    AUTO = "auto"  # teacher when the teacher has channel groups that can be cut, else scratch (said in the log)
+    SCRATCH = "scratch"  # freshly initialised
+    TEACHER = "teacher"  # the teacher's most important channels (structured pruning's L1 ranking)
 
 
 class CacheTeacher(StrEnum):

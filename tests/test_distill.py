@@ -181,6 +181,30 @@ def _train_one_step(model):
     assert np.isfinite(loss) and not np.array_equal(before, model.trainable_weights[0].numpy())
 
 
+def test_teacher_initialised_student_keeps_the_largest_l1_channels_and_starts_near_the_teacher(teacher, digits):
+    """student_init teacher: the sliced student has the derived student's architecture, its first conv holds the
+    teacher's kernels of largest L1 norm (numpy reference), and one epoch of distillation leaves it near the teacher,
+    far above a fresh student after the same epoch."""
+    from kcompress.distillation.students import sliced_student
+    from kcompress.evaluation import evaluate
+
+    train, val = digits
+    sliced = sliced_student(teacher, 0.5)
+    assert count_params(sliced)["total"] == count_params(derive_student(teacher, 0.5))["total"]
+    conv = next(la for la in teacher.layers if isinstance(la, keras.layers.Conv2D))
+    k = conv.kernel.numpy()
+    kept = sliced.get_layer(conv.name).filters
+    order = np.sort(np.argsort(np.abs(k).sum(axis=(0, 1, 2)))[-kept:])
+    np.testing.assert_array_equal(sliced.get_layer(conv.name).kernel.numpy(), k[..., order])
+    assert all(layer.trainable for layer in sliced.layers)
+    teacher_acc = evaluate(teacher, val).accuracy
+    assert evaluate(sliced, val).accuracy > 0.5  # before any training (a fresh student is near chance)
+    sliced_run = distill(teacher, 0.5, train, val, DistillOptions(epochs=1, student_init="teacher"), verbose=0)
+    fresh_run = distill(teacher, 0.5, train, val, DistillOptions(epochs=1, student_init="scratch"), verbose=0)
+    assert sliced_run.student_accuracy >= teacher_acc - 0.05
+    assert sliced_run.student_accuracy > fresh_run.student_accuracy + 0.1
+
+
 def test_derived_residual_student_has_the_narrow_architecture_and_trains():
     teacher = resnet_cifar((16, 16, 3), width=16)
     teacher.trainable = False  # a frozen teacher must still give a trainable student

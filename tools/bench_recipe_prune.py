@@ -20,22 +20,20 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from cifar_splits import add_arguments, open_splits  # noqa: E402
+
 import kcompress as kc  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", required=True)
-    ap.add_argument("--data", required=True, help="CIFAR-10 folder with train/ and test/")
-    ap.add_argument("--train-limit", type=int, default=20000)
+    add_arguments(ap)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--optimizer", default="sgd")
     ap.add_argument("--runs", nargs="*", default=["channel", "block", "both", "magnitude"])
     ap.add_argument("-o", "--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args()
-    data = kc.DataOptions(train=os.path.join(args.data, "train"), val_split=0.1, test=os.path.join(args.data, "test"),
-                          train_limit=args.train_limit, scale=1 / 255)
-    splits = data.open(seed=0)
+    splits = open_splits(args)
     train_opts = kc.TrainOptions(optimizer=args.optimizer)
     base = kc.evaluate(args.teacher, splits.test).accuracy
     rows = []

@@ -43,6 +43,7 @@ def default_output(teacher_path: str) -> str:
 @train_limit_option
 @option(DistillOptions, "student")
 @option(DistillOptions, "student_width")
+@option(DistillOptions, "student_init")
 @option(DistillOptions, "temperature")
 @option(DistillOptions, "alpha")
 @option(DistillOptions, "temperature_schedule")
@@ -62,7 +63,7 @@ def default_output(teacher_path: str) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and start over its checkpoints).")
 @trust_model_option
 @handle_errors
-def distill_cmd(teacher, data, val_data, student, student_width, temperature, alpha, temperature_schedule, epochs,
+def distill_cmd(teacher, data, val_data, student, student_width, student_init, temperature, alpha, temperature_schedule, epochs,
                 batch_size, lr, patience, min_teacher_accuracy, cache_teacher, max_drop, seed, out, as_json, resume,
                 overwrite, test_data, test_split, train_limit, **kw):
     """Train a smaller student to imitate a teacher (knowledge distillation).
@@ -85,7 +86,8 @@ def distill_cmd(teacher, data, val_data, student, student_width, temperature, al
     from kcompress.errors import KcompressError
     from kcompress.io import check_output_path
 
-    opts = build(DistillOptions, student=student, student_width=student_width, temperature=temperature, alpha=alpha,
+    opts = build(DistillOptions, student=student, student_width=student_width, student_init=student_init,
+                 temperature=temperature, alpha=alpha,
                  temperature_schedule=temperature_schedule, epochs=epochs, batch_size=batch_size, lr=lr,
                  patience=patience, min_teacher_accuracy=min_teacher_accuracy, cache_teacher=cache_teacher,
                  max_drop=max_drop)

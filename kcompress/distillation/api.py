@@ -26,7 +26,7 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, tra
     """Trains a smaller student to imitate ``teacher``; returns a DistillResult (``.student``, ``.save(path)``).
 
     ``student``: a model or a path (fresh or pre-trained); None derives one from the teacher with
-    ``student_width`` (an option, 0.5 by default). Keywords are fields of
+    ``student_width`` (an option, 0.5 by default) and ``student_init`` (fresh weights, or the teacher's own). Keywords are fields of
     :class:`~kcompress.options.DistillOptions` (``temperature``, ``alpha``, ``epochs`` ...).
     ``checkpoint_dir``: per-epoch checkpoints; ``resume`` continues from them, ``overwrite_checkpoints`` starts
     over (otherwise an earlier run's checkpoints are an error). The result says whether the student stayed within
@@ -39,7 +39,7 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, tra
     with Lambda layers or unregistered classes (files you trust only).
     """
     from kcompress.backend import keras
-    from kcompress.distillation.students import derive_student
+    from kcompress.distillation.students import make_student
     from kcompress.distillation.trainer import distill as run
     from kcompress.distillation.trainer import size_warnings, weights_bytes
     from kcompress.distributed import distribute_early, worker_path
@@ -56,7 +56,7 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, tra
         student_model = as_model(student, stage="distill", trust_model=trust_model).model
     else:
         keras.utils.set_random_seed(seed)
-        student_model = derive_student(t.model, opts.student_width, log=log)
+        student_model = make_student(t.model, opts.student_width, opts.student_init, log=log)
     tr, va, te = as_splits(train, val, test, test_split=test_split, seed=seed, preprocess=preprocess,
                            train_limit=train_limit)
     if checkpoint_dir and overwrite_checkpoints and not resume:  # else the trainer refuses an earlier run's

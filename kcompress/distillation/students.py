@@ -17,6 +17,10 @@ are kept where changing them would break the graph or the task:
   ``LayerScale``); other ``Reshape`` layers, ``Permute``, ``Lambda`` and other layers that are not built into Keras
   keep the width of what feeds them.
 
+:func:`sliced_student` is the other way to a width-W student (``student_init: teacher``): the teacher itself with
+every channel group cut to its ``W * n`` channels of largest L1 norm (structured pruning's ratio step, frozen groups
+such as the classifier whole), so the student starts from what the teacher learnt instead of from noise.
+
 Nested models (a ``keras.applications`` backbone used as a layer) are inlined first
 (:func:`kcompress.graph.flatten_model`): the student is one flat functional model with the backbone's layers
 scaled too; :func:`derive_student` says so through ``log``.
@@ -30,7 +34,7 @@ from kcompress.backend import keras
 from kcompress.errors import KcompressError, UsageError
 from kcompress.internals import is_graph_network
 
-__all__ = ["derive_student", "outputs_probabilities", "scaled_layers"]
+__all__ = ["derive_student", "make_student", "outputs_probabilities", "scaled_layers", "sliced_student"]
 
 L = keras.layers
 _WIDTH_ATTR = {"filters": (L.Conv1D, L.Conv2D, L.Conv3D, L.SeparableConv1D, L.SeparableConv2D, L.Conv2DTranspose,
@@ -225,4 +229,54 @@ def derive_student(teacher, width: float, name: str | None = None, log=None):
     if is_graph_network(student) or student.built:
         return student
     student.build((None, *teacher.input_shape[1:]))
+    return student
+
+
+def sliced_student(teacher, width: float, name: str | None = None, log=None):
+    """The teacher cut to ``width`` of its channels in every prunable group, the kept channels (largest L1 norm)
+    keeping their weights and BatchNorm statistics; what structured pruning cannot cut (the classifier, barriers,
+    grouped convolutions) stays whole, so its parameter count can differ a little from :func:`derive_student`'s."""
+    from kcompress.graph import flatten_model
+    from kcompress.modelinfo import count_params
+    from kcompress.pruning.channels import as_functional
+    from kcompress.pruning.structured import MIN_KEEP, StructuredPlan, prune_once
+
+    if not 0 < width < 1:
+        raise UsageError(f"--student-width must be between 0 and 1 (a fraction of the teacher's widths), got {width}")
+    flat, nested = flatten_model(as_functional(teacher), with_nesting=True)
+    if nested and log is not None:
+        log(f"student: {nested.describe()}")
+    plan = StructuredPlan(None, 1.0 - width, "l1", 1, 0, 1, 0.0, 0, 1, min_keep=min(MIN_KEEP, width))
+    try:
+        student, graph = prune_once(flat, plan, ratio=1.0 - width)
+    except KcompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the rebuild raises many types on layers it cannot cut
+        raise KcompressError(f"cannot cut the teacher's channels ({type(e).__name__}: {e})") from None
+    if not graph.groups() or count_params(student)["total"] >= count_params(flat)["total"]:
+        raise KcompressError("the teacher has no channel group that can be cut (only frozen layers); use "
+                             "--student-init scratch or pass a student with --student")
+    student._name = name or f"{teacher.name}_student"
+    for layer in student.layers:
+        layer.trainable = True  # a frozen teacher's layers
+    return student
+
+
+def make_student(teacher, width: float, init="auto", log=None):
+    """The width-``width`` student of ``teacher``: :func:`sliced_student` (init ``teacher``), :func:`derive_student`
+    (``scratch``), or ``auto``: sliced when the teacher has channel groups structured pruning can cut, else fresh.
+    Says which through ``log``."""
+    init = str(init)
+    if init == "scratch":
+        return derive_student(teacher, width, log=log)
+    try:
+        student = sliced_student(teacher, width, log=log)
+    except KcompressError as e:
+        if init == "teacher":
+            raise
+        if log is not None:
+            log(f"student: freshly initialised (student_init auto: {e})")
+        return derive_student(teacher, width, log=log)
+    if log is not None:
+        log(f"student: width {width:g}, initialised from the teacher's largest-L1 channels (student_init {init})")
     return student

@@ -38,7 +38,7 @@ from kcompress.backend import keras, tf
 from kcompress.batchnorm import RecalibrateBatchNorm, recalibrate_batchnorm
 from kcompress.data import DataSource, check_fits
 from kcompress.distillation.loss import Distiller, TemperatureSchedule, as_logits, check_compatible, distillation_loss
-from kcompress.distillation.students import derive_student, outputs_probabilities
+from kcompress.distillation.students import derive_student, make_student, outputs_probabilities
 from kcompress.distributed import describe, shard_by_data
 from kcompress.errors import KcompressError, UsageError
 from kcompress.modelinfo import count_params, input_shape, num_classes
@@ -332,7 +332,7 @@ def distill(
     train_options: Optional[TrainOptions] = None,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> DistillResult:
-    """Distills ``teacher`` into ``student`` (a Keras model, or a width multiplier for :func:`derive_student`;
+    """Distills ``teacher`` into ``student`` (a Keras model, or a width multiplier for :func:`make_student`;
     None: ``options.student_width``). ``options.student`` (a path) is the API's and CLI's business, not read here.
 
     Without ``val`` the teacher is checked on ``train`` and the best epoch is chosen by training accuracy.
@@ -362,7 +362,7 @@ def distill(
     where, cache_reason = _cache_plan(options.cache_teacher, augment, aug_text)
     keras.utils.set_random_seed(seed)
     if isinstance(student, (int, float)) and not isinstance(student, bool):
-        student = derive_student(teacher, float(student))
+        student = make_student(teacher, float(student), options.student_init, log=log)
     # variables must be created in the strategy's scope: a copy of the student trains there (its weights are copied
     # back at the end, so the student returned is a plain model); so does the teacher when it runs every step
     strat = strategy(train_options.strategy)  # the process's one strategy (kcompress.distributed)
@@ -385,6 +385,8 @@ def distill(
                    "batch_size": options.batch_size, "lr": lr, "seed": seed,
                    "train_samples": train.num_samples,  # more epochs may resume: the schedule then stretches
                    "recipe": {**{k: v for k, v in rec.to_dict().items() if k != "total_steps"}, "augment": aug_text}}
+    if options.student_init != "scratch":  # (absent for scratch: earlier checkpoints stay valid)
+        fingerprint["student_init"] = str(options.student_init)
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
     state = _load_state(checkpoint_dir, resume, fingerprint)
