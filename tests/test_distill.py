@@ -285,10 +285,11 @@ def test_cli_distills_end_to_end(teacher_file, tmp_path):
     assert not os.path.exists(out + ".ckpt")
     again = _run(*args)
     assert again.exit_code == 1 and "--overwrite" in again.output
-    # two epochs leave the student far below the teacher: the default --max-drop 3 makes it an error, and the student
-    # is kept under a name that says so, next to (not over) the passing one
+    assert "initialised from the teacher's largest-L1 channels (student_init auto)" in r.output
+    # two epochs from fresh weights leave the student far below the teacher: the default --max-drop 3 makes it an
+    # error, and the student is kept under a name that says so, next to (not over) the passing one
     before = os.path.getmtime(out)
-    gated = _run(*args, "--overwrite")
+    gated = _run(*args, "--overwrite", "--student-init", "scratch")
     failed = out.replace(".keras", ".FAILED.keras")
     assert gated.exit_code == 1 and "points below the teacher on VAL, more than --max-drop 3.0" in gated.output
     assert f"kept as {failed}" in gated.output and os.path.getmtime(out) == before
