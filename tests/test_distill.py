@@ -205,6 +205,26 @@ def test_teacher_initialised_student_keeps_the_largest_l1_channels_and_starts_ne
     assert sliced_run.student_accuracy > fresh_run.student_accuracy + 0.1
 
 
+def test_student_init_auto_falls_back_to_fresh_weights_where_no_channel_can_be_cut_and_teacher_says_why():
+    """A channel softmax makes the only conv a structured-pruning barrier: ``auto`` derives a fresh student (and says
+    so), ``teacher`` is an error naming the way out, ``scratch`` never looks."""
+    from kcompress.distillation.students import make_student
+    from kcompress.errors import KcompressError
+
+    inp = keras.layers.Input((8, 8, 1))
+    x = keras.layers.Conv2D(16, 3, padding="same", name="conv")(inp)
+    x = keras.layers.Activation("softmax")(x)
+    out = keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x))
+    teacher = keras.Model(inp, out)
+    said = []
+    student = make_student(teacher, 0.5, "auto", log=said.append)
+    assert student.get_layer("conv").filters == 8
+    assert any("freshly initialised (student_init auto: the teacher has no channel group" in m for m in said)
+    with pytest.raises(KcompressError, match="--student-init teacher: .*use --student-init scratch"):
+        make_student(teacher, 0.5, "teacher")
+    assert make_student(teacher, 0.5, "scratch").get_layer("conv").filters == 8
+
+
 def test_derived_residual_student_has_the_narrow_architecture_and_trains():
     teacher = resnet_cifar((16, 16, 3), width=16)
     teacher.trainable = False  # a frozen teacher must still give a trainable student

@@ -235,7 +235,8 @@ def derive_student(teacher, width: float, name: str | None = None, log=None):
 def sliced_student(teacher, width: float, name: str | None = None, log=None):
     """The teacher cut to ``width`` of its channels in every prunable group, the kept channels (largest L1 norm)
     keeping their weights and BatchNorm statistics; what structured pruning cannot cut (the classifier, barriers,
-    grouped convolutions) stays whole, so its parameter count can differ a little from :func:`derive_student`'s."""
+    grouped convolutions) stays whole, so its parameter count can differ a little from :func:`derive_student`'s. The
+    student is one flat functional model (a Sequential teacher too)."""
     from kcompress.graph import flatten_model
     from kcompress.modelinfo import count_params
     from kcompress.pruning.channels import as_functional
@@ -254,8 +255,7 @@ def sliced_student(teacher, width: float, name: str | None = None, log=None):
     except Exception as e:  # noqa: BLE001 - the rebuild raises many types on layers it cannot cut
         raise KcompressError(f"cannot cut the teacher's channels ({type(e).__name__}: {e})") from None
     if not graph.groups() or count_params(student)["total"] >= count_params(flat)["total"]:
-        raise KcompressError("the teacher has no channel group that can be cut (only frozen layers); use "
-                             "--student-init scratch or pass a student with --student")
+        raise KcompressError("the teacher has no channel group that can be cut (only frozen layers)")
     student._name = name or f"{teacher.name}_student"
     for layer in student.layers:
         layer.trainable = True  # a frozen teacher's layers
@@ -273,7 +273,8 @@ def make_student(teacher, width: float, init="auto", log=None):
         student = sliced_student(teacher, width, log=log)
     except KcompressError as e:
         if init == "teacher":
-            raise
+            raise KcompressError(f"--student-init teacher: {e}; use --student-init scratch or pass a student with "
+                                 "--student") from None
         if log is not None:
             log(f"student: freshly initialised (student_init auto: {e})")
         return derive_student(teacher, width, log=log)
