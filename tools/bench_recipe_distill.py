@@ -44,16 +44,21 @@ def main() -> None:
     splits = open_splits(args)
     train_opts = kc.TrainOptions(optimizer=args.optimizer, weight_decay=args.weight_decay)
     rows = json.load(open(args.out)) if args.out and os.path.exists(args.out) else []
-    done = {(r["init"], r["seed"], r["epochs"], r["lr"]) for r in rows}
+    recipe = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "weight_decay": args.weight_decay}
+
+    def same(r):  # rows of this recipe (an earlier run's rows of another recipe stay, apart)
+        return all(r.get(k) == v for k, v in recipe.items())
+
+    done = {(r["init"], r["seed"]) for r in rows if same(r)}
     for init in args.inits:
         for seed in args.seeds:
-            if (init, seed, args.epochs, args.lr) in done:
+            if (init, seed) in done:
                 continue
             t0 = time.time()
             r = kc.distill(args.teacher, splits.train, splits.val, test=splits.test, seed=seed, epochs=args.epochs,
                            lr=args.lr, batch_size=args.batch_size, student_width=args.width, student_init=init,
                            train_options=train_opts, max_drop=100, log=print, verbose=2)
-            row = {"init": init, "seed": seed, "epochs": args.epochs, "lr": args.lr, "width": args.width,
+            row = {"init": init, "seed": seed, **recipe, "width": args.width,
                    "student_params": r.student_params, "teacher_params": r.teacher_params,
                    "val_student": r.student_accuracy, "val_teacher": r.teacher_accuracy,
                    "test_student": r.test["student_accuracy"], "test_teacher": r.test["teacher_accuracy"],
@@ -69,7 +74,7 @@ def main() -> None:
     print(f"\n| student x{args.width} ({args.epochs} epochs) | params | TEST per seed | TEST mean | teacher TEST |")
     print("|---|---|---|---|---|")
     for init in args.inits:
-        mine = [r for r in rows if r["init"] == init and r["epochs"] == args.epochs and r["lr"] == args.lr]
+        mine = [r for r in rows if r["init"] == init and same(r)]
         if mine:
             accs = [100 * r["test_student"] for r in mine]
             print(f"| init {init} | {mine[0]['student_params']:,} | " + ", ".join(f"{a:.2f}%" for a in accs)

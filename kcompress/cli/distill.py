@@ -63,8 +63,8 @@ def default_output(teacher_path: str) -> str:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and start over its checkpoints).")
 @trust_model_option
 @handle_errors
-def distill_cmd(teacher, data, val_data, student, student_width, student_init, temperature, alpha, temperature_schedule, epochs,
-                batch_size, lr, patience, min_teacher_accuracy, cache_teacher, max_drop, seed, out, as_json, resume,
+def distill_cmd(teacher, data, val_data, student, student_width, student_init, temperature, alpha, temperature_schedule,
+                epochs, batch_size, lr, patience, min_teacher_accuracy, cache_teacher, max_drop, seed, out, as_json, resume,
                 overwrite, test_data, test_split, train_limit, **kw):
     """Train a smaller student to imitate a teacher (knowledge distillation).
 

@@ -26,8 +26,8 @@ def distill(teacher, train, val=None, *, test=None, test_split: float = 0.0, tra
     """Trains a smaller student to imitate ``teacher``; returns a DistillResult (``.student``, ``.save(path)``).
 
     ``student``: a model or a path (fresh or pre-trained); None derives one from the teacher with
-    ``student_width`` (an option, 0.5 by default) and ``student_init`` (fresh weights, or the teacher's own). Keywords are fields of
-    :class:`~kcompress.options.DistillOptions` (``temperature``, ``alpha``, ``epochs`` ...).
+    ``student_width`` (an option, 0.5 by default) and ``student_init`` (the teacher's own channels, or fresh
+    weights). Keywords are fields of :class:`~kcompress.options.DistillOptions` (``temperature``, ``alpha``, ...).
     ``checkpoint_dir``: per-epoch checkpoints; ``resume`` continues from them, ``overwrite_checkpoints`` starts
     over (otherwise an earlier run's checkpoints are an error). The result says whether the student stayed within
     ``max_drop`` points of the teacher on VAL (``within_max_drop``); the CLI turns a miss into exit 1.

@@ -176,13 +176,17 @@ def _output_layers(model):
     return [t.node.layer for t in model.outputs]
 
 
+def _check_width(width: float) -> None:
+    if not 0 < width < 1:
+        raise UsageError(f"--student-width must be between 0 and 1 (a fraction of the teacher's widths), got {width}")
+
+
 def derive_student(teacher, width: float, name: str | None = None, log=None):
     """A freshly initialised copy of ``teacher``'s architecture with its widths multiplied by ``width``
     (nested models inlined: see the module docstring)."""
     from kcompress.graph import flatten_model
 
-    if not 0 < width < 1:
-        raise UsageError(f"--student-width must be between 0 and 1 (a fraction of the teacher's widths), got {width}")
+    _check_width(width)
     if not isinstance(teacher, keras.Sequential) and not is_graph_network(teacher):
         raise KcompressError(
             "--student-width needs a Sequential or functional teacher (a subclassed model has no architecture config); "
@@ -242,12 +246,12 @@ def sliced_student(teacher, width: float, name: str | None = None, log=None):
     from kcompress.pruning.channels import as_functional
     from kcompress.pruning.structured import MIN_KEEP, StructuredPlan, prune_once
 
-    if not 0 < width < 1:
-        raise UsageError(f"--student-width must be between 0 and 1 (a fraction of the teacher's widths), got {width}")
+    _check_width(width)
     flat, nested = flatten_model(as_functional(teacher), with_nesting=True)
     if nested and log is not None:
         log(f"student: {nested.describe()}")
-    plan = StructuredPlan(None, 1.0 - width, "l1", 1, 0, 1, 0.0, 0, 1, min_keep=min(MIN_KEEP, width))
+    plan = StructuredPlan(target_flops=None, ratio=1.0 - width, criterion="l1", rounds=1, epochs=0, batch_size=1,
+                          lr=0.0, seed=0, multiple=1, min_keep=min(MIN_KEEP, width))
     try:
         student, graph = prune_once(flat, plan, ratio=1.0 - width)
     except KcompressError:
