@@ -177,3 +177,21 @@ def test_prune_stage_that_misses_its_flops_target_fails_the_gate_and_the_cli(tmp
                 "structured", "--target-flops", 0.5, "--epochs", 1, "-o", out)
     assert r.exit_code == 1 and "missed its target" in r.output
     assert not os.path.exists(out) and os.path.exists(out.replace(".keras", ".FAILED.keras"))
+
+
+def test_prune_stage_learns_from_the_baseline_teacher(cnn_path, tmp_path):
+    raw = {"name": "t", "model": {"path": cnn_path},
+           "data": {"train": "digits:train", "val": "digits:val", "scale": SCALE},
+           "baseline": {"batch_sizes": [1], "runs": 3},
+           "prune": {"enabled": True, "method": "structured", "target_flops": 0.3, "epochs": 1, "max_drop": 10,
+                     "teacher": "baseline"},
+           "quantize": {"enabled": False}}
+    logs = []
+    records = execute(config_from_dict(raw), str(tmp_path / "run"), log=logs.append)
+    base = os.path.join(str(tmp_path / "run"), "01-baseline", "model.keras")
+    assert [r.stage for r in records] == ["baseline", "prune"]
+    assert any(f"learn from the teacher {base}" in line for line in logs), logs
+    assert any("knowledge distillation from the teacher" in line for line in logs)
+    assert records[-1].metrics["macs_after"] < 0.8 * records[-1].metrics["macs_before"]
+    with pytest.raises(KcompressError, match="prune.teacher: no model file"):
+        config_from_dict({**raw, "prune": {**raw["prune"], "teacher": str(tmp_path / "missing.keras")}})

@@ -198,6 +198,34 @@ def test_rounds_fine_tune_and_criteria(trained, digits):
     assert not g.keep[root][:4].any() and g.keep[root][4:].all()
 
 
+def _kl_to(teacher, student, data, t: float = 4.0) -> float:
+    """Mean KL(teacher || student) of the softened (T) outputs on ``data``: numpy, from the models' probabilities."""
+    x = np.concatenate([b[0] for b in data.numpy_batches(student.input_shape[1:], 256)])
+    p, q = (np.log(np.clip(m.predict(x, verbose=0), 1e-12, 1)) / t for m in (teacher, student))
+    p, q = (np.exp(z - z.max(1, keepdims=True)) for z in (p, q))
+    p, q = p / p.sum(1, keepdims=True), q / q.sum(1, keepdims=True)
+    return float(np.mean(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12)), axis=1)))
+
+
+def test_teacher_fine_tune_moves_the_pruned_model_toward_the_teacher(trained, trained_cnn, digits):
+    import kcompress as kc
+
+    opts = dict(method="structured", target_flops=0.5, epochs=2, lr=1e-3, measure=False, max_drop=100, seed=0)
+    lines = []
+    plain = kc.prune(trained, *digits, **opts)
+    taught = kc.prune(trained, *digits, teacher=trained_cnn, log=lines.append, **opts)
+    assert any("knowledge distillation from the teacher" in line for line in lines)
+    assert taught.details["groups"] == plain.details["groups"]  # the same channels went; only the fine-tune differs
+    # the fine-tune learned from the teacher: its softened outputs are closer to the teacher's than a label fine-tune's
+    kl_taught, kl_plain = _kl_to(trained_cnn, taught.model, digits[1]), _kl_to(trained_cnn, plain.model, digits[1])
+    assert kl_taught < 0.8 * kl_plain, (kl_taught, kl_plain)
+    assert taught.accuracy_after >= taught.accuracy_before - 0.05
+    with pytest.raises(UsageError, match="structured only"):
+        kc.prune(trained, *digits, method="magnitude", teacher=trained_cnn, measure=False)
+    with pytest.raises(UsageError, match="teacher: applies to method structured only"):
+        kc.prune(trained, *digits, method="magnitude", options=PruneOptions(method="magnitude", teacher="t.keras"))
+
+
 # ---------- CLI
 
 

@@ -44,7 +44,7 @@ def main() -> None:
     splits = open_splits(args)
     train_opts = kc.TrainOptions(optimizer=args.optimizer, weight_decay=args.weight_decay)
     rows = json.load(open(args.out)) if args.out and os.path.exists(args.out) else []
-    recipe = {"epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "weight_decay": args.weight_decay}
+    recipe = {"width": args.width, "epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "weight_decay": args.weight_decay}
 
     def same(r):  # rows of this recipe (an earlier run's rows of another recipe stay, apart)
         return all(r.get(k) == v for k, v in recipe.items())
@@ -58,7 +58,7 @@ def main() -> None:
             r = kc.distill(args.teacher, splits.train, splits.val, test=splits.test, seed=seed, epochs=args.epochs,
                            lr=args.lr, batch_size=args.batch_size, student_width=args.width, student_init=init,
                            train_options=train_opts, max_drop=100, log=print, verbose=2)
-            row = {"init": init, "seed": seed, **recipe, "width": args.width,
+            row = {"init": init, "seed": seed, **recipe,
                    "student_params": r.student_params, "teacher_params": r.teacher_params,
                    "val_student": r.student_accuracy, "val_teacher": r.teacher_accuracy,
                    "test_student": r.test["student_accuracy"], "test_teacher": r.test["teacher_accuracy"],

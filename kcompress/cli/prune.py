@@ -37,7 +37,7 @@ __all__ = ["prune"]
 
 MAGNITUDE_ONLY = {"sparsity", "schedule", "initial_sparsity", "block", "skip"}
 STRUCTURED_ONLY = {"target_flops", "ratio", "criterion", "rounds", "channel_multiple", "granularity",
-                   "target_latency_ms", "resume"}
+                   "target_latency_ms", "resume", "teacher"}
 
 
 def _default_out(model_path: str, method: str) -> str:
@@ -68,6 +68,7 @@ def _default_out(model_path: str, method: str) -> str:
 @option(PruneOptions, "channel_multiple")
 @option(PruneOptions, "granularity")
 @option(PruneOptions, "target_latency_ms")
+@option(PruneOptions, "teacher")
 @option(PruneOptions, "epochs")
 @option(PruneOptions, "lr")
 @option(PruneOptions, "batch_size")
@@ -106,6 +107,7 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
       kcompress prune model.keras --data train/ --val-data val/ --target-flops 0.5 \\
           --rounds 3 --epochs 6 --scale 1/255
       kcompress prune resnet.keras --data train/ --val-data val/ --granularity both --target-latency-ms 2.5
+      kcompress prune student.keras --data train/ --val-data val/ --granularity block --teacher teacher.keras
     """
     import kcompress as kc
     from kcompress.distributed import worker_path
@@ -119,13 +121,13 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
     if wrong:
         flags = ", ".join(flag_name(n) for n in sorted(wrong))
         raise UsageError(f"{flags} do not apply to --method {method}")
-    granularity, target_latency_ms = kw.pop("granularity"), kw.pop("target_latency_ms")
+    granularity, target_latency_ms, teacher = kw.pop("granularity"), kw.pop("target_latency_ms"), kw.pop("teacher")
     if {"target_flops", "target_latency_ms"} <= given:
         raise UsageError("--target-flops and --target-latency-ms are two targets: give one")
     opts = build(PruneOptions, method=method, sparsity=sparsity, schedule=schedule, initial_sparsity=initial_sparsity,
                  block=block, skip=tuple(skip), target_flops=target_flops, ratio=ratio, criterion=criterion,
                  rounds=rounds, channel_multiple=channel_multiple, epochs=epochs, lr=lr, batch_size=batch_size,
-                 max_drop=max_drop, granularity=granularity, target_latency_ms=target_latency_ms)
+                 max_drop=max_drop, granularity=granularity, target_latency_ms=target_latency_ms, teacher=teacher)
     out = out or _default_out(model_path, str(opts.method))
     resume = kw.pop("resume")
     check_output_path(out, overwrite or resume)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,9 @@ class RunConfig(Options):
     def _check(self) -> None:
         if not 0 <= self.seed < 2**31:  # what numpy, TensorFlow and Python's random all accept
             raise OptionError("seed", f"must be a whole number from 0 to {2**31 - 1}, got {self.seed}")
+        t = self.prune.teacher
+        if self.prune.enabled and t not in (None, "baseline") and not os.path.exists(t):
+            raise OptionError("prune.teacher", f"no model file {t} (baseline: the model the pipeline starts from)")
 
 
 def _build(cls, raw: Any, prefix: str):

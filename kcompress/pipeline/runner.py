@@ -73,6 +73,7 @@ class _Ctx:
         self.splits = cfg.data.open(seed=cfg.seed)
         self.train, self.val, self.test = self.splits.train, self.splits.val, self.splits.test
         self.baseline_accuracy: Optional[float] = None
+        self.baseline_model: Optional[str] = None  # the baseline stage's model file
         self.resume_stage = False  # the current stage may continue an interrupted run's work
 
     def calibration(self, shape, n=None):
@@ -340,6 +341,7 @@ def execute(cfg: RunConfig, run_dir: str, resume: bool = False, log: Callable[[s
         _gate(cfg, records, base_acc)
         if stage == "baseline":
             base_acc = ctx.baseline_accuracy = records[-1].metrics["accuracy"]
+            ctx.baseline_model = records[-1].model_path  # the file: prune.teacher baseline
     from kcompress.monitoring.reference import write_run_reference  # drift monitoring: the final model on VAL
 
     write_run_reference(run_dir, [r for r in records if r.stage != "benchmark"][-1], ctx.val, log)

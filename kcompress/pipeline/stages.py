@@ -113,9 +113,10 @@ def stage_prune(ctx, model, out_dir: str):
     else:
         from kcompress.pruning.structured import prune_structured
 
+        fine_tune = _teacher_fine_tune(ctx) if c.teacher else None
         result = resumable(ctx, out_dir, "pruning", lambda ckpt, resume: prune_structured(
             model, ctx.train, ctx.val, c, seed=ctx.cfg.seed, train_options=ctx.cfg.train, log=ctx.log,
-            checkpoint_dir=ckpt, resume=resume))
+            checkpoint_dir=ckpt, resume=resume, fine_tune=fine_tune))
         extra = {"method": "structured", "macs_before": result.macs_before, "macs_after": result.macs_after,
                  "params_before": result.params_before, "params_after": result.params_after,
                  "removed_blocks": result.staged.get("removed_blocks", []), "latency": result.staged.get("latency"),
@@ -126,6 +127,19 @@ def stage_prune(ctx, model, out_dir: str):
     path = os.path.join(out_dir, "model.keras")
     save_model(result.model, path, overwrite=True)
     return result.model, path, extra, {}
+
+
+def _teacher_fine_tune(ctx):
+    """The pruning fine-tunes' teacher hook: ``prune.teacher`` baseline is the model the pipeline started from
+    (what the baseline stage measured), else a model file; the ``distill`` section gives temperature and alpha."""
+    from kcompress.distillation.finetune import teacher_fine_tune
+    from kcompress.io import load_model
+
+    c = ctx.cfg.prune
+    path = ctx.baseline_model if c.teacher == "baseline" else c.teacher
+    ctx.log(f"fine-tunes learn from the teacher {path} (knowledge distillation) as well as the labels")
+    return teacher_fine_tune(load_model(path, stage="prune"), ctx.train, ctx.val, c.batch_size, ctx.cfg.distill,
+                             ctx.cfg.train, log=ctx.log)
 
 
 def stage_quantize(ctx, model, out_dir: str, prev_accuracy: float):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from kcompress.errors import UsageError
 from kcompress.inputs import as_model, as_splits, preprocess_of, resolve_options
 from kcompress.options import PruneOptions, TrainOptions
 from kcompress.types import PruneMethod
@@ -110,7 +111,7 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
           options: Optional[PruneOptions] = None, preprocess=None, seed: int = 0, measure: bool = True, verbose: Optional[int] = None,
           log: Callable[[str], None] = _quiet, train_options: Optional[TrainOptions] = None,
           trust_model: bool = False, checkpoint_dir: Optional[str] = None, resume: bool = False,
-          overwrite_checkpoints: bool = False, **option_fields) -> PruneResult:
+          overwrite_checkpoints: bool = False, teacher=None, **option_fields) -> PruneResult:
     """Prunes ``model`` with fine-tuning on ``train`` (best epoch chosen on ``val`` when given).
 
     Keywords are fields of :class:`~kcompress.options.PruneOptions` (``target_flops=0.5``, ``sparsity=0.8``,
@@ -119,7 +120,9 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
     ``trust_model``: load a model file even with Lambda layers or unregistered classes (files you trust only).
     ``checkpoint_dir`` (structured pruning): the model after each round and each fine-tune epoch; ``resume``
     continues from them, ``overwrite_checkpoints`` starts over (otherwise an earlier run's checkpoints are an
-    error), as in ``distill``.
+    error), as in ``distill``. ``teacher`` (a model or a path; else the ``teacher`` option): structured pruning's
+    fine-tunes distill it into the pruned model (the ``distill`` defaults' temperature and alpha) instead of
+    training on the labels alone.
     """
     import warnings
 
@@ -139,6 +142,8 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
         if d is not None:
             check_fits(d, input_shape(m.model), num_classes(m.model))
     structured = opts.method == PruneMethod.STRUCTURED
+    if teacher is not None and not structured:
+        raise UsageError("a teacher applies to method structured only (magnitude fine-tunes on labels)")
     log(f"pruning ({opts.method}) with {opts.epochs} fine-tuning epoch(s) ...")
     if structured:
         from kcompress.pruning.structured import prune_structured
@@ -147,8 +152,18 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
             import shutil
 
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        fine_tune = None
+        teacher = teacher if teacher is not None else opts.teacher
+        if teacher is not None:
+            from kcompress.distillation.finetune import teacher_fine_tune
+
+            if teacher == "baseline":
+                raise UsageError("teacher 'baseline' names a pipeline's input model; give a model file")
+            t = as_model(teacher, stage="prune", trust_model=trust_model).model
+            check_fits(tr, input_shape(t), num_classes(t))
+            fine_tune = teacher_fine_tune(t, tr, va, opts.batch_size, train_options=topts, verbose=verbose, log=log)
         r = prune_structured(m.model, tr, va, opts, seed=seed, verbose=verbose, train_options=topts, log=log,
-                             checkpoint_dir=checkpoint_dir, resume=resume)
+                             checkpoint_dir=checkpoint_dir, resume=resume, fine_tune=fine_tune)
         details = {"groups": r.groups, "frozen": r.frozen, "rounds": r.rounds,
                    "removed_blocks": r.staged.get("removed_blocks", []), "latency": r.staged.get("latency"),
                    "target_met": r.target_met, "shortfall": r.shortfall, "flattened": r.flattened}

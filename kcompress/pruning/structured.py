@@ -205,14 +205,19 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
                      options: Optional[PruneOptions] = None, seed: int = 0,
                      verbose: Optional[int] = None, train_options: Optional[TrainOptions] = None,
                      log: Optional[Callable[[str], None]] = None, checkpoint_dir: Optional[str] = None,
-                     resume: bool = False) -> StructuredResult:
+                     resume: bool = False, fine_tune: Optional[Callable[..., float]] = None) -> StructuredResult:
     """Removes channels in ``options.num_rounds()`` rounds, fine-tuning on ``train`` between rounds (half LR) and
     after the last (full LR), each with the ``train_options`` recipe, keeping its best epoch by VAL accuracy;
     ``epochs=0`` skips training. Whole blocks and latency targets: :mod:`kcompress.pruning.blocks`.
 
     ``checkpoint_dir``: the model after each round's pruning step and after its fine-tune, and each fine-tune
     epoch (:mod:`kcompress.checkpoint`); ``resume`` continues with the round (and epoch) where a killed run
-    stopped, with what the earlier rounds removed and measured. Other settings than the checkpoint's are refused."""
+    stopped, with what the earlier rounds removed and measured. Other settings than the checkpoint's are refused.
+
+    ``fine_tune``: trains each round's model in place instead of the label fine-tune, called as ``fine_tune(model,
+    epochs=, lr=, seed=, checkpoint_dir=, resume=, what=)`` and returning the best VAL accuracy (or nan): how
+    ``options.teacher`` comes in (:func:`kcompress.distillation.finetune.teacher_fine_tune`), kept out of this
+    module so that pruning does not import distillation."""
     from kcompress.evaluation import evaluate
     from kcompress.pruning.blocks import Staged
 
@@ -254,11 +259,17 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
             from kcompress.checkpoint import fit_resumable
 
             lr = options.lr if i == k else options.lr / 2
-            tuned = fit_resumable(current, train, val, checkpoint_dir=ckpt.fit_dir(i, continuing) if ckpt else None,
-                                  resume=continuing, fingerprint={"round": i}, what=f"round {i} fine-tune",
-                                  epochs=per_round[i - 1], batch_size=options.batch_size, lr=lr,
-                                  seed=options.seed + i, verbose=verbose, train_options=train_options, log=log)
-            info["val_accuracy"] = tuned.best if tuned.best is not None else float("nan")
+            fit_dir = ckpt.fit_dir(i, continuing) if ckpt else None
+            if fine_tune is not None:
+                info["val_accuracy"] = fine_tune(current, epochs=per_round[i - 1], lr=lr, seed=options.seed + i,
+                                                 checkpoint_dir=fit_dir, resume=continuing,
+                                                 what=f"round {i} fine-tune")
+            else:
+                tuned = fit_resumable(current, train, val, checkpoint_dir=fit_dir, resume=continuing,
+                                      fingerprint={"round": i}, what=f"round {i} fine-tune",
+                                      epochs=per_round[i - 1], batch_size=options.batch_size, lr=lr,
+                                      seed=options.seed + i, verbose=verbose, train_options=train_options, log=log)
+                info["val_accuracy"] = tuned.best if tuned.best is not None else float("nan")
         rounds.append(info)
         if ckpt is not None:
             ckpt.finished(i, current, rounds)
