@@ -215,6 +215,7 @@ def test_teacher_fine_tune_moves_the_pruned_model_toward_the_teacher(trained, tr
     plain = kc.prune(trained, *digits, **opts)
     taught = kc.prune(trained, *digits, teacher=trained_cnn, log=lines.append, **opts)
     assert any("knowledge distillation from the teacher" in line for line in lines)
+    assert trained_cnn.trainable  # the distillation trainer froze the teacher only while it trained
     assert taught.details["groups"] == plain.details["groups"]  # the same channels went; only the fine-tune differs
     # the fine-tune learned from the teacher: its softened outputs are closer to the teacher's than a label fine-tune's
     kl_taught, kl_plain = _kl_to(trained_cnn, taught.model, digits[1]), _kl_to(trained_cnn, plain.model, digits[1])

@@ -44,7 +44,8 @@ def main() -> None:
     splits = open_splits(args)
     train_opts = kc.TrainOptions(optimizer=args.optimizer, weight_decay=args.weight_decay)
     rows = json.load(open(args.out)) if args.out and os.path.exists(args.out) else []
-    recipe = {"width": args.width, "epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer, "weight_decay": args.weight_decay}
+    recipe = {"width": args.width, "epochs": args.epochs, "lr": args.lr, "optimizer": args.optimizer,
+              "weight_decay": args.weight_decay}
 
     def same(r):  # rows of this recipe (an earlier run's rows of another recipe stay, apart)
         return all(r.get(k) == v for k, v in recipe.items())

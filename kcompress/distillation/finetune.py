@@ -32,15 +32,11 @@ def teacher_fine_tune(teacher, train: DataSource, val: Optional[DataSource], bat
 
     def fine_tune(model, *, epochs: int, lr: float, seed: int, checkpoint_dir: Optional[str] = None,
                   resume: bool = False, what: str = "fine-tune") -> float:
-        opts = base.replace(epochs=epochs, lr=lr, batch_size=batch_size, patience=None, max_drop=100.0)
+        opts = base.replace(epochs=epochs, lr=lr, batch_size=batch_size, patience=None)
         say(f"{what}: knowledge distillation from the teacher (T={opts.temperature:g}, alpha {opts.alpha:g}) "
             "with the labels")
-        trainable = teacher.trainable  # the trainer freezes the teacher; the caller's model is given back as it was
-        try:
-            r = distill(teacher, model, train, val, opts, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
-                        train_options=train_options, verbose=verbose, log=say)
-        finally:
-            teacher.trainable = trainable
+        r = distill(teacher, model, train, val, opts, seed=seed, checkpoint_dir=checkpoint_dir, resume=resume,
+                    train_options=train_options, verbose=verbose, log=say)
         return r.student_accuracy if r.student_accuracy is not None else float("nan")
 
     return fine_tune

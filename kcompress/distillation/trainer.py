@@ -376,7 +376,6 @@ def distill(
         if data is not None:
             check_fits(data, shape, n_classes)
 
-    teacher.trainable = False
     teacher_acc, val_logits = check_teacher(teacher, val if val is not None else train, options.min_teacher_accuracy)
 
     fingerprint = {"teacher_params": count_params(teacher)["total"], "student_params": count_params(student)["total"],
@@ -410,27 +409,30 @@ def distill(
         val_ds = shard_by_data(tf.data.Dataset.zip((val.dataset(shape, batch_size=256), vy))
                                .map(lambda xy, t: ((xy[0], t), xy[1])))
 
-    schedule = TemperatureSchedule.parse(options.temperature_schedule, options.temperature)
-    with strat.scope():
-        distiller = Distiller(student, teacher, options.alpha, schedule(0, options.epochs))
-        distiller.compile(optimizer=rec.make_optimizer())
-    monitor = "val_accuracy" if val is not None else "accuracy"
-    cb = _EpochState(distiller, schedule, options.epochs, monitor, options.patience, checkpoint_dir, fingerprint, state)
-    initial_epoch = 0
-    if state is not None:
-        initial_epoch = int(state["epochs_done"])
-        cb.ckpt.restore(cb.manager.latest_checkpoint).expect_partial()
-        best_path = os.path.join(checkpoint_dir, "best.weights.h5")
-        if os.path.exists(best_path):
-            keep = student.get_weights()
-            student.load_weights(best_path)
-            cb.best_weights = student.get_weights()
-            student.set_weights(keep)
-        if state.get("stopped_early"):
-            initial_epoch = options.epochs
-
-    verbose = verbose if verbose is not None else (1 if sys.stderr.isatty() else 2)
+    # the Distiller freezes the teacher for training; the caller's model is given back with its own flag
+    teacher_trainable = teacher.trainable
     try:
+        schedule = TemperatureSchedule.parse(options.temperature_schedule, options.temperature)
+        with strat.scope():
+            distiller = Distiller(student, teacher, options.alpha, schedule(0, options.epochs))
+            distiller.compile(optimizer=rec.make_optimizer())
+        monitor = "val_accuracy" if val is not None else "accuracy"
+        cb = _EpochState(distiller, schedule, options.epochs, monitor, options.patience, checkpoint_dir, fingerprint,
+                         state)
+        initial_epoch = 0
+        if state is not None:
+            initial_epoch = int(state["epochs_done"])
+            cb.ckpt.restore(cb.manager.latest_checkpoint).expect_partial()
+            best_path = os.path.join(checkpoint_dir, "best.weights.h5")
+            if os.path.exists(best_path):
+                keep = student.get_weights()
+                student.load_weights(best_path)
+                cb.best_weights = student.get_weights()
+                student.set_weights(keep)
+            if state.get("stopped_early"):
+                initial_epoch = options.epochs
+
+        verbose = verbose if verbose is not None else (1 if sys.stderr.isatty() else 2)
         if initial_epoch < options.epochs:
             # BN statistics re-estimated on TRAIN before each VAL pass (AdaBN): a student trained for a few epochs
             # otherwise validates with moving averages that trail its weights (see kcompress.batchnorm)
@@ -438,6 +440,7 @@ def distill(
             distiller.fit(train_ds, validation_data=val_ds, epochs=options.epochs, initial_epoch=initial_epoch,
                           verbose=verbose, callbacks=[*recal, cb, *callbacks])
     finally:
+        teacher.trainable = teacher_trainable
         if temp_cache:
             del train_ds, logits
             shutil.rmtree(temp_cache, ignore_errors=True)
