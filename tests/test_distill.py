@@ -115,6 +115,7 @@ def test_distill_keeps_best_epoch_and_saved_student_loads_with_plain_tf_keras(te
     train, val = digits
     result = distill(teacher, 0.5, train, val, DistillOptions(epochs=3), verbose=0)
     assert result.cache == "memory" and len(result.history) == 3
+    assert teacher.trainable  # frozen only while the student trained; the caller's model is given back as it was
     assert result.student_params < result.teacher_params / 2
     assert result.teacher_accuracy > 0.8
     best = result.history[result.best_epoch - 1]
