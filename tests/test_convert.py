@@ -6,6 +6,7 @@ from kcompress.evaluation import evaluate
 from kcompress.litert.interpreter import TFLiteModel, float_op_report, tflite_tensors
 from kcompress.modelinfo import count_params
 from kcompress.options import QuantizeOptions
+from kcompress.quantization import ptq
 from kcompress.quantization.ptq import convert, resolve_float_layers
 
 
@@ -61,7 +62,10 @@ def test_other_modes_run_and_keep_accuracy(trained_cnn, calib, digits_val, mode)
     assert TFLiteModel(data).input_dtype == np.float32
 
 
-def test_float_layers_stay_float(trained_cnn, calib, digits_val):
+@pytest.mark.parametrize("path", ["frozen", "module"])
+def test_float_layers_stay_float(trained_cnn, calib, digits_val, path, monkeypatch):
+    if path == "module":  # the large models' conversion path, forced on the small test model
+        monkeypatch.setattr(ptq, "MODULE_MIN_PARAMS", 1)
     layers = resolve_float_layers(trained_cnn, ["first", "last"])
     assert layers == ("conv1", "classifier")
     data = convert(trained_cnn, QuantizeOptions(mode="int8", float_layers=layers), calibration=calib)

@@ -1,5 +1,6 @@
-"""The fast conversion path (issue 14): Keras models reach the TFLite converter as one traced inference function,
-not through a SavedModel round trip, and give the same .tflite results as the converter's own Keras path.
+"""The fast conversion paths (issue 14): Keras models reach the TFLite converter as one traced inference function,
+frozen in memory or (large models) saved alone as a small SavedModel, not through the Keras SavedModel round trip,
+and give the same .tflite results as the converter's own Keras path.
 
 The reference in every test is TensorFlow's ``TFLiteConverter.from_keras_model`` with the same settings; the
 time saved is measured by ``tools/profile_qat.py``, not here.
@@ -14,7 +15,7 @@ from kcompress.backend import keras, tf
 from kcompress.litert.interpreter import TFLiteModel, tflite_ops
 from kcompress.modelinfo import input_shape
 from kcompress.options import QuantizeOptions
-from kcompress.quantization import qat_graph
+from kcompress.quantization import ptq, qat_graph
 from kcompress.quantization.ptq import convert
 from kcompress.quantization.qat import export_tflite, fp32_param_bytes, int8_report
 from kcompress.quantization.qat_graph import calibrate, qat_model
@@ -121,3 +122,37 @@ def test_nested_model_qat_export_matches_the_keras_path(digits, savedmodel_write
     fast = export_tflite(q, train, QuantizeOptions(calibration_samples=CALIB))
     assert savedmodel_writes == []
     _same_int8_results(fast, _reference_int8(q, train), _val_arrays(val, (8, 8, 1)))
+
+
+def _signatures(tflite: bytes) -> dict:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=tflite).get_signature_list()
+
+
+@pytest.fixture
+def module_path(monkeypatch, tmp_path):
+    """Large-model conversion on the small test model: the threshold at its size; temporary files under tmp_path."""
+    monkeypatch.setattr(ptq, "MODULE_MIN_PARAMS", 1)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    return tmp_path
+
+
+def test_large_models_convert_through_a_saved_module_with_the_keras_paths_results(trained_cnn, digits, module_path):
+    train, val = digits
+    x = _val_arrays(val, (8, 8, 1))
+    fp32 = convert(trained_cnn)
+    assert list(_signatures(fp32)) == ["serving_default"]  # the module's signature: this went through the module
+    np.testing.assert_allclose(TFLiteModel(fp32).predict(x), trained_cnn.predict(x, verbose=0), atol=1e-5)
+    int8 = convert(trained_cnn, QuantizeOptions(mode="int8", calibration_samples=CALIB),
+                   calibration=lambda: train.calibration_samples((8, 8, 1), CALIB, seed=0))
+    assert list(_signatures(int8)) == ["serving_default"]
+    _same_int8_results(int8, _reference_int8(trained_cnn, train), x)
+    # the QAT graph (fake-quant ops) too: the large models' QAT export is where the memory went
+    q, _ = qat_model(trained_cnn)
+    calibrate(q, train)
+    qat_int8 = export_tflite(q, train, QuantizeOptions(calibration_samples=CALIB))
+    assert list(_signatures(qat_int8)) == ["serving_default"]
+    _same_int8_results(qat_int8, _reference_int8(q, train), x)
+    assert not list(module_path.glob("kcompress-convert-*"))  # every temporary SavedModel was removed
+

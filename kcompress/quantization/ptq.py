@@ -16,6 +16,7 @@ once in the LiteRT interpreter: a file that does not run is an error, never an o
 from __future__ import annotations
 
 import re
+import tempfile
 import warnings
 from typing import Callable, Iterable, Optional
 
@@ -26,7 +27,7 @@ from kcompress.errors import KcompressError, UsageError
 from kcompress.internals import disable_per_channel, ops_details, quant_interpreter
 from kcompress.litert.interpreter import TFLiteModel
 from kcompress.options import QuantizeOptions
-from kcompress.types import QuantMode
+from kcompress.types import QuantMode, StrEnum
 
 __all__ = [
     "convert",
@@ -61,28 +62,61 @@ def resolve_float_layers(model, names: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _converter(model, fast: bool = True):
-    """The converter for a SavedModel path or a Keras model.
+class _Path(StrEnum):
+    """How a Keras model reaches the converter, in the order :func:`convert` tries them."""
+
+    MODULE = "module"  # a SavedModel of one inference function and the model's variables (no Keras objects)
+    FROZEN = "frozen"  # the same function traced and frozen to constants in memory
+    KERAS = "keras"  # the converter's own Keras path: the whole Keras model saved as a SavedModel
+
+
+#: parameters from which a Keras model is converted through the module path (see :func:`_converter`): below it,
+#: saving costs more time than it saves memory (MobileNetV2, 2.2M: 4.8 s vs 1.0 s frozen; ResNet50, 23.6M: 8.8 s
+#: either way, 1.5 vs 2.1 GiB peak, int8 at 32x32)
+MODULE_MIN_PARAMS = 10_000_000
+
+
+def _paths(model) -> tuple[_Path, ...]:
+    """The paths worth trying for ``model``, in order. The module path needs one input and one output (a SavedModel
+    signature orders its tensors by name, which may not be the model's order) and pays off on large models only;
+    both traced paths need symbolic inputs."""
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if not inputs:
+        return (_Path.KERAS,)
+    module = len(inputs) == 1 and outputs is not None and len(outputs) == 1 and \
+        model.count_params() >= MODULE_MIN_PARAMS
+    return ((_Path.MODULE,) if module else ()) + (_Path.FROZEN, _Path.KERAS)
+
+
+def _converter(model, path: _Path = _Path.MODULE, workdir: Optional[str] = None):
+    """The converter for a SavedModel path or a Keras model, by ``path``.
 
     Keras models go in as one traced inference function (``model(x, training=False)``, the model's own input
-    signature, batch dimension free), frozen to constants: ``from_keras_model`` instead writes the model out as a
-    SavedModel and reads it back, tracing every layer's call functions for serialization. That round trip was most
-    of the time (int8 export of QAT DenseNet121 at 32x32: 82 CPU s that way, 7 s traced; MobileNetV2 30 s vs 2.4 s;
-    issue 14) and up to 2 GiB more memory, for the same ops, weights and outputs. ``fast=False`` (or a model
-    without symbolic inputs) takes ``from_keras_model``; :func:`convert` falls back to it when tracing or freezing
-    fails.
-    Gotcha: passing the ``tf.function`` as the converter's ``trackable_obj`` is what selects the frozen-graph path;
-    passing the Keras model would save it as a SavedModel again.
+    signature, batch dimension free). ``MODULE`` saves that function with the model's variables (a ``tf.Module``, no
+    Keras object) under ``workdir`` and converts the SavedModel: the converter's SavedModel importer lifts the
+    variables to constants itself. ``FROZEN`` freezes the function in memory instead
+    (``convert_variables_to_constants_v2``), which held about 7 copies of the weights through the whole
+    conversion: int8 of InceptionResNetV2 at 75x75 (217 MB of weights) peaked at 3.8 GiB resident that way, 2.4 GiB
+    as a module, and took 46 s vs 31 s; VGG16 at 32x32 2.3 vs 1.5 GiB (issue 14, ``/proc`` sampled every 20 ms). ``KERAS`` (``from_keras_model``) saves the Keras model
+    itself, tracing every layer's call functions for serialization: most of the time on deep models (int8 export of
+    QAT DenseNet121 at 32x32: 82 CPU s that way, 7 s traced) and up to 2 GiB more memory.
+    Gotcha: the frozen path passes the ``tf.function`` as the converter's ``trackable_obj``; passing the Keras model
+    would save it as a SavedModel again.
     """
     if isinstance(model, str):  # a SavedModel directory (e.g. a Keras 3 export)
         return tf.lite.TFLiteConverter.from_saved_model(model)
     from kcompress.io import ensure_tf_keras
 
     model = ensure_tf_keras(model)
-    inputs = getattr(model, "inputs", None) if fast else None
-    if not inputs:
+    if path == _Path.KERAS:
         return tf.lite.TFLiteConverter.from_keras_model(model)
-    specs = [tf.TensorSpec(x.shape, x.dtype, name=x.name.split(":")[0]) for x in inputs]
+    specs = [tf.TensorSpec(x.shape, x.dtype, name=x.name.split(":")[0]) for x in model.inputs]
+    if path == _Path.MODULE:
+        module = tf.Module()
+        module.variables_ = list(model.variables)  # what the function captures, tracked so that it is saved
+        module.serve = tf.function(lambda x: model(x, training=False), input_signature=specs)
+        tf.saved_model.save(module, workdir, signatures=module.serve.get_concrete_function())
+        return tf.lite.TFLiteConverter.from_saved_model(workdir)
     if len(specs) == 1:
         fn = tf.function(lambda x: model(x, training=False))
     else:
@@ -124,22 +158,42 @@ def convert(
         raise UsageError(f"mode {mode} needs calibration data (--data)")
     if mode != "int8" and options.float_layers:
         raise UsageError("--float-layers applies to --mode int8 only")
-    try:
-        data = _run(_converter(model), options, calibration)
-    except KcompressError:
-        raise
-    except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
-        # ConverterError: the MLIR converter refused the graph, which the SavedModel path imports alike
-        if isinstance(model, str) or not getattr(model, "inputs", None) or type(e).__name__ == "ConverterError":
-            raise _failed(mode, e, model) from None
-        try:  # tracing or freezing failed: the converter's own Keras path (a SavedModel round trip)
-            data = _run(_converter(model, fast=False), options, calibration)
+    if isinstance(model, str):
+        try:
+            data = _run(_converter(model), options, calibration)
         except KcompressError:
             raise
-        except Exception as e2:  # noqa: BLE001
-            raise _failed(mode, e2, model) from None
+        except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
+            raise _failed(mode, e, model) from None
+    else:
+        data = _convert_keras(model, options, calibration)
     smoke_test(data)
     return data
+
+
+def _convert_keras(model, options: QuantizeOptions, calibration) -> bytes:
+    """Tries :func:`_paths` in order; a path that fails hands over to the next (tracing, saving or freezing can
+    fail where another path works). After a ``ConverterError`` (the MLIR converter refused the graph) the Keras
+    path, which imports the same graph the slow way, is skipped, and that error is the one reported."""
+    from kcompress.io import ensure_tf_keras
+
+    model = ensure_tf_keras(model)
+    errors: list[Exception] = []
+
+    def refused(e: Exception) -> bool:
+        return type(e).__name__ == "ConverterError"
+
+    for path in _paths(model):
+        if path == _Path.KERAS and any(refused(e) for e in errors):
+            break
+        try:
+            with tempfile.TemporaryDirectory(prefix="kcompress-convert-") as workdir:
+                return _run(_converter(model, path, workdir), options, calibration)
+        except KcompressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the converter raises ConverterError, RuntimeError, ValueError...
+            errors.append(e)
+    raise _failed(options.mode, next((e for e in errors if refused(e)), errors[-1]), model) from None
 
 
 #: TFLite op (as the converter names it in errors) -> the Keras layer classes that become it
