@@ -122,7 +122,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
     ``ckpt_dir`` None: nothing is written (the best epoch is kept in memory only).
     ``state``: what :func:`read_state` returned (None: a fresh run). ``extra``: more keys for ``state.json``.
     After training, :attr:`history` holds every epoch's logs (those before the kill too) and :attr:`best_epoch`
-    (1-based) and :attr:`best` the best ``monitor`` value; the best epoch's weights are restored when ``restore_best``
+    (1-based) and :attr:`best` the best ``monitor`` value (ties: lower loss); the best epoch's weights are restored when ``restore_best``
     and ``monitor`` was measured."""
 
     def __init__(self, ckpt_dir: Optional[str], fingerprint: dict, state: Optional[dict] = None, monitor: str = "val_accuracy",
@@ -134,6 +134,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.initial_epoch = int(state.get("epochs_done", 0))
         self.history: list[dict] = list(state.get("history", []))
         self.best: Optional[float] = state.get("best")
+        self.best_loss: Optional[float] = state.get("best_loss")  # breaks ties of ``best`` (epoch_rank)
         self.best_epoch: Optional[int] = state.get("best_epoch")
         self._last = state.get("last")
         self._best_dir = state.get("best_dir")
@@ -161,11 +162,14 @@ class EpochCheckpoint(keras.callbacks.Callback):
         row = {k: float(v) for k, v in (logs or {}).items()}
         row["epoch"] = epoch + 1
         self.history.append(row)
-        score = row.get(self.monitor)
+        from kcompress.train import epoch_rank, ranks_above
+
+        rank = epoch_rank(row, self.monitor)
         name = f"epoch-{epoch + 1}"
-        improved = score is not None and (self.best is None or score > self.best)
-        if improved:
-            self.best, self.best_epoch, self._best_dir = score, epoch + 1, name
+        best = None if self.best is None else (self.best, -(self.best_loss if self.best_loss is not None else
+                                                              float("inf")))
+        if self.monitor in row and ranks_above(rank, best):
+            self.best, self.best_loss, self.best_epoch, self._best_dir = rank[0], -rank[1], epoch + 1, name
             self._best_weights = self.model.get_weights()
         self._last = name
         if not self.ckpt_dir:
@@ -174,7 +178,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
             os.makedirs(tmp)
             self._objects().write(os.path.join(tmp, "ckpt"))
         write_state(self.ckpt_dir, {**self.extra, "fingerprint": self.fingerprint, "epochs_done": epoch + 1,
-                                    "history": self.history, "best": self.best, "best_epoch": self.best_epoch,
+                                    "history": self.history, "best": self.best, "best_loss": self.best_loss,
+                                    "best_epoch": self.best_epoch,
                                     "last": name, "best_dir": self._best_dir})
         for entry in os.listdir(self.ckpt_dir):  # older epochs: no longer named by state.json
             if entry.startswith("epoch-") and entry not in (name, self._best_dir):

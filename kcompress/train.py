@@ -64,6 +64,40 @@ def compile_classifier(model, lr: float = 1e-3, optimizer=None, loss=None) -> No
         )
 
 
+def epoch_rank(logs: Optional[dict], monitor: str = "val_accuracy") -> tuple[float, float]:
+    """How every training stage ranks its epochs (larger is better): ``monitor``, then its loss, lower first.
+
+    VAL accuracy on a few hundred samples ties often, and the first of tied epochs is usually not the best one
+    (the loss keeps falling). NaN (not measured) never ranks above anything."""
+    logs = logs or {}
+    nan = float("nan")
+    acc = float(logs.get(monitor, nan))
+    loss = float(logs.get(monitor.replace("accuracy", "loss"), float("inf")))
+    return acc, -loss
+
+
+def ranks_above(rank: tuple[float, float], best: Optional[tuple[float, float]]) -> bool:
+    """``rank`` (see :func:`epoch_rank`) beats ``best`` (None: nothing yet)."""
+    return rank[0] == rank[0] and (best is None or rank > tuple(best))
+
+
+class KeepBestEpoch(keras.callbacks.Callback):
+    """Restores, at the end of training, the weights of the best epoch by :func:`epoch_rank` on ``monitor``."""
+
+    def __init__(self, monitor: str = "val_accuracy"):
+        super().__init__()
+        self.monitor, self.best, self.best_epoch, self.weights = monitor, None, None, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        rank = epoch_rank(logs, self.monitor)
+        if ranks_above(rank, self.best):
+            self.best, self.best_epoch, self.weights = rank, epoch + 1, self.model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.weights is not None:
+            self.model.set_weights(self.weights)
+
+
 def steps_per_epoch(data: DataSource, batch_size: int) -> int:
     return max(1, -(-data.num_samples // batch_size))
 
@@ -86,7 +120,8 @@ def fit(
     log: Optional[Callable[[str], None]] = None,
     initial_epoch: int = 0,
 ):
-    """Trains in place and returns the Keras History. The best epoch's weights by VAL accuracy are restored.
+    """Trains in place and returns the Keras History. The best epoch's weights by VAL accuracy (ties: VAL loss) are
+    restored.
 
     ``train_options`` (default: the ``train`` section's defaults): optimizer, schedule over ``epochs`` and
     augmentation of ``train`` (see :mod:`kcompress.recipe`); ``lr`` is the stage's base rate; ``log`` receives
@@ -132,11 +167,7 @@ def fit(
     if recalibrate_bn and val is not None:
         cbs.insert(0, RecalibrateBatchNorm(train, seed=seed))
     if val is not None and restore_best:
-        cbs.append(
-            keras.callbacks.EarlyStopping(
-                monitor="val_accuracy", patience=epochs, restore_best_weights=True, mode="max", verbose=0
-            )
-        )
+        cbs.append(KeepBestEpoch())
     if verbose is None:
         verbose = 1 if sys.stderr.isatty() else 2
     for _ in range(initial_epoch):  # each new iterator draws the next epoch's shuffle and augmentation seeds

@@ -109,10 +109,12 @@ def test_only_student_trains_and_teacher_is_bit_identical(teacher, digits):
     distiller.fit(train.dataset((8, 8, 1), batch_size=64), epochs=1, verbose=0)
     assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights()))
     assert any(not np.array_equal(a, b) for a, b in zip(s_before, student.get_weights()))
+    teacher.trainable = True  # the Distiller froze the module-scoped teacher; kc.distill gives it back itself
 
 
 def test_distill_keeps_best_epoch_and_saved_student_loads_with_plain_tf_keras(teacher, digits, tmp_path):
     train, val = digits
+    teacher.trainable = True  # the caller's flag, whatever an earlier test left on the module-scoped teacher
     result = distill(teacher, 0.5, train, val, DistillOptions(epochs=3), verbose=0)
     assert result.cache == "memory" and len(result.history) == 3
     assert teacher.trainable  # frozen only while the student trained; the caller's model is given back as it was

@@ -235,6 +235,43 @@ def test_fit_with_sgd_cosine_and_crop_trains_and_saves_a_model_plain_tf_keras_lo
                                    model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
 
 
+class _TiedVal(keras.callbacks.Callback):
+    """Reports the same VAL accuracy every epoch (a tie, as on a few hundred VAL samples) and keeps each epoch's
+    weights and real VAL loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.losses = [], []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_accuracy"] = 0.5
+        self.weights.append(self.model.get_weights())
+        self.losses.append(logs["val_loss"])
+
+
+@pytest.mark.parametrize("resumable", [False, True])
+def test_tied_val_accuracy_keeps_the_epoch_of_lowest_val_loss(digits, tmp_path, resumable):
+    from kcompress.checkpoint import fit_resumable
+    from kcompress.train import epoch_rank, fit, ranks_above
+    from kcompress.zoo import digits_cnn
+
+    nan = float("nan")
+    assert ranks_above(epoch_rank({"val_accuracy": 0.5, "val_loss": 0.2}), epoch_rank({"val_accuracy": 0.5,
+                                                                                        "val_loss": 0.3}))
+    assert not ranks_above(epoch_rank({"val_accuracy": 0.4, "val_loss": 0.1}), (0.5, -0.3))
+    assert not ranks_above(epoch_rank({"val_accuracy": nan}), None)  # not measured: never the best
+    model, tied = digits_cnn(width=8), _TiedVal()
+    # the VAL loss falls: the first of the tied epochs (what a plain "accuracy improved" rule keeps) is not the best
+    args = dict(epochs=4, lr=0.02, verbose=0, callbacks=[tied])
+    if resumable:
+        cb = fit_resumable(model, *digits, checkpoint_dir=str(tmp_path / "ck"), **args)
+        assert cb.best_epoch == int(np.argmin(tied.losses)) + 1 and cb.best_loss == min(tied.losses)
+    else:
+        fit(model, *digits, **args)
+    kept = tied.weights[int(np.argmin(tied.losses))]
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), kept)), tied.losses
+
+
 # ------------------------------------------------------------------------------------------------- distillation
 
 

@@ -44,7 +44,7 @@ from kcompress.errors import KcompressError, UsageError
 from kcompress.modelinfo import count_params, input_shape, num_classes
 from kcompress.options import DistillOptions, TrainOptions
 from kcompress.progress import progress
-from kcompress.train import copy_into_scope, strategy
+from kcompress.train import copy_into_scope, epoch_rank, ranks_above, strategy
 
 __all__ = [
     "DistillResult",
@@ -259,6 +259,7 @@ class _EpochState(keras.callbacks.Callback):
         state = state or {}
         self.history = list(state.get("history", []))
         self.best = state.get("best", -1.0)
+        self.best_loss = state.get("best_loss", float("inf"))  # breaks ties of ``best`` (epoch_rank)
         self.best_epoch = state.get("best_epoch")
         self.wait = state.get("wait", 0)
         self.best_weights = None
@@ -276,9 +277,9 @@ class _EpochState(keras.callbacks.Callback):
         row.update(epoch=epoch + 1, temperature=float(self.d.temperature.numpy()),
                    seconds=time.perf_counter() - self._t0)
         self.history.append(row)
-        score = row.get(self.monitor, float("nan"))
-        if score > self.best:
-            self.best, self.best_epoch, self.wait = score, epoch + 1, 0
+        rank = epoch_rank(row, self.monitor)
+        if ranks_above(rank, (self.best, -self.best_loss)):
+            self.best, self.best_loss, self.best_epoch, self.wait = rank[0], -rank[1], epoch + 1, 0
             self.best_weights = self.d.student.get_weights()
             if self.ckpt_dir:
                 with atomic_path(os.path.join(self.ckpt_dir, "best.weights.h5"), overwrite=True) as tmp:
@@ -290,7 +291,7 @@ class _EpochState(keras.callbacks.Callback):
                 self.stopped_early = True
         if self.ckpt_dir:
             self.manager.save(checkpoint_number=epoch + 1)
-            state = {"epochs_done": epoch + 1, "history": self.history, "best": self.best,
+            state = {"epochs_done": epoch + 1, "history": self.history, "best": self.best, "best_loss": self.best_loss,
                      "best_epoch": self.best_epoch, "wait": self.wait, "fingerprint": self.fingerprint,
                      "stopped_early": self.stopped_early}
             atomic_write_text(os.path.join(self.ckpt_dir, "state.json"), json.dumps(state, indent=1), overwrite=True)

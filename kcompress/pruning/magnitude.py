@@ -222,17 +222,24 @@ def sizes(tflite_bytes: bytes) -> dict[str, int]:
 
 
 class _BestAfterRamp(keras.callbacks.Callback):
-    """Keeps the weights of the best epoch by VAL accuracy among epochs that ended at the final sparsity."""
+    """Keeps the weights of the best epoch by VAL accuracy (ties: VAL loss) among epochs that ended at the final
+    sparsity."""
 
     def __init__(self, ramp_end: int, steps_per_epoch: int):
         super().__init__()
         self.ramp_end, self.spe = ramp_end, steps_per_epoch
-        self.best, self.weights = -1.0, None
+        self.rank, self.weights = None, None
+
+    @property
+    def best(self) -> float:
+        return self.rank[0] if self.rank is not None else -1.0
 
     def on_epoch_end(self, epoch, logs=None):
-        acc = (logs or {}).get("val_accuracy")
-        if acc is not None and (epoch + 1) * self.spe >= self.ramp_end and acc > self.best:
-            self.best, self.weights = acc, self.model.get_weights()
+        from kcompress.train import epoch_rank, ranks_above
+
+        rank = epoch_rank(logs)
+        if (epoch + 1) * self.spe >= self.ramp_end and ranks_above(rank, self.rank):
+            self.rank, self.weights = rank, self.model.get_weights()
 
     def on_train_end(self, logs=None):
         if self.weights is not None:
