@@ -122,8 +122,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
     ``ckpt_dir`` None: nothing is written (the best epoch is kept in memory only).
     ``state``: what :func:`read_state` returned (None: a fresh run). ``extra``: more keys for ``state.json``.
     After training, :attr:`history` holds every epoch's logs (those before the kill too) and :attr:`best_epoch`
-    (1-based) and :attr:`best` the best ``monitor`` value (ties: lower loss); the best epoch's weights are restored when ``restore_best``
-    and ``monitor`` was measured."""
+    (1-based) and :attr:`best` the best ``monitor`` value (ties: lower loss, :attr:`best_loss`); the best epoch's
+    weights are restored when ``restore_best`` and ``monitor`` was measured."""
 
     def __init__(self, ckpt_dir: Optional[str], fingerprint: dict, state: Optional[dict] = None, monitor: str = "val_accuracy",
                  restore_best: bool = True, extra: Optional[dict] = None):
@@ -134,7 +134,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.initial_epoch = int(state.get("epochs_done", 0))
         self.history: list[dict] = list(state.get("history", []))
         self.best: Optional[float] = state.get("best")
-        self.best_loss: Optional[float] = state.get("best_loss")  # breaks ties of ``best`` (epoch_rank)
+        self.best_loss: float = state.get("best_loss", float("inf"))  # breaks ties of ``best`` (epoch_rank)
         self.best_epoch: Optional[int] = state.get("best_epoch")
         self._last = state.get("last")
         self._best_dir = state.get("best_dir")
@@ -166,9 +166,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
         rank = epoch_rank(row, self.monitor)
         name = f"epoch-{epoch + 1}"
-        best = None if self.best is None else (self.best, -(self.best_loss if self.best_loss is not None else
-                                                              float("inf")))
-        if self.monitor in row and ranks_above(rank, best):
+        if ranks_above(rank, None if self.best is None else (self.best, -self.best_loss)):
             self.best, self.best_loss, self.best_epoch, self._best_dir = rank[0], -rank[1], epoch + 1, name
             self._best_weights = self.model.get_weights()
         self._last = name

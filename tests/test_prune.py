@@ -210,7 +210,7 @@ def _kl_to(teacher, student, data, t: float = 4.0) -> float:
 def test_teacher_fine_tune_moves_the_pruned_model_toward_the_teacher(trained, trained_cnn, digits):
     import kcompress as kc
 
-    opts = dict(method="structured", target_flops=0.5, epochs=2, lr=1e-3, measure=False, max_drop=100, seed=0)
+    opts = dict(method="structured", target_flops=0.5, epochs=4, lr=1e-3, measure=False, max_drop=100, seed=0)
     lines = []
     plain = kc.prune(trained, *digits, **opts)
     taught = kc.prune(trained, *digits, teacher=trained_cnn, log=lines.append, **opts)

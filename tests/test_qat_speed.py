@@ -155,4 +155,3 @@ def test_large_models_convert_through_a_saved_module_with_the_keras_paths_result
     assert list(_signatures(qat_int8)) == ["serving_default"]
     _same_int8_results(qat_int8, _reference_int8(q, train), x)
     assert not list(module_path.glob("kcompress-convert-*"))  # every temporary SavedModel was removed
-

@@ -230,10 +230,6 @@ class _BestAfterRamp(keras.callbacks.Callback):
         self.ramp_end, self.spe = ramp_end, steps_per_epoch
         self.rank, self.weights = None, None
 
-    @property
-    def best(self) -> float:
-        return self.rank[0] if self.rank is not None else -1.0
-
     def on_epoch_end(self, epoch, logs=None):
         from kcompress.train import epoch_rank, ranks_above
 

@@ -88,8 +88,8 @@ def _paths(model) -> tuple[_Path, ...]:
     return ((_Path.MODULE,) if module else ()) + (_Path.FROZEN, _Path.KERAS)
 
 
-def _converter(model, path: _Path = _Path.MODULE, workdir: Optional[str] = None):
-    """The converter for a SavedModel path or a Keras model, by ``path``.
+def _converter(model, path: _Path, workdir: str):
+    """The converter for a tf_keras model, by ``path`` (``workdir``: an empty folder the module path writes to).
 
     Keras models go in as one traced inference function (``model(x, training=False)``, the model's own input
     signature, batch dimension free). ``MODULE`` saves that function with the model's variables (a ``tf.Module``, no
@@ -97,17 +97,13 @@ def _converter(model, path: _Path = _Path.MODULE, workdir: Optional[str] = None)
     variables to constants itself. ``FROZEN`` freezes the function in memory instead
     (``convert_variables_to_constants_v2``), which held about 7 copies of the weights through the whole
     conversion: int8 of InceptionResNetV2 at 75x75 (217 MB of weights) peaked at 3.8 GiB resident that way, 2.4 GiB
-    as a module, and took 46 s vs 31 s; VGG16 at 32x32 2.3 vs 1.5 GiB (issue 14, ``/proc`` sampled every 20 ms). ``KERAS`` (``from_keras_model``) saves the Keras model
-    itself, tracing every layer's call functions for serialization: most of the time on deep models (int8 export of
+    as a module; VGG16 at 32x32 2.3 vs 1.5 GiB (issue 14, ``/proc`` sampled every 20 ms). Time: PTQ the same, the
+    QAT export of InceptionResNetV2 13% slower (coverage stages, same session). ``KERAS`` (``from_keras_model``)
+    saves the Keras model itself, tracing every layer's call functions for serialization: most of the time on deep models (int8 export of
     QAT DenseNet121 at 32x32: 82 CPU s that way, 7 s traced) and up to 2 GiB more memory.
     Gotcha: the frozen path passes the ``tf.function`` as the converter's ``trackable_obj``; passing the Keras model
     would save it as a SavedModel again.
     """
-    if isinstance(model, str):  # a SavedModel directory (e.g. a Keras 3 export)
-        return tf.lite.TFLiteConverter.from_saved_model(model)
-    from kcompress.io import ensure_tf_keras
-
-    model = ensure_tf_keras(model)
     if path == _Path.KERAS:
         return tf.lite.TFLiteConverter.from_keras_model(model)
     specs = [tf.TensorSpec(x.shape, x.dtype, name=x.name.split(":")[0]) for x in model.inputs]
@@ -158,9 +154,9 @@ def convert(
         raise UsageError(f"mode {mode} needs calibration data (--data)")
     if mode != "int8" and options.float_layers:
         raise UsageError("--float-layers applies to --mode int8 only")
-    if isinstance(model, str):
+    if isinstance(model, str):  # a SavedModel directory (e.g. a Keras 3 export)
         try:
-            data = _run(_converter(model), options, calibration)
+            data = _run(tf.lite.TFLiteConverter.from_saved_model(model), options, calibration)
         except KcompressError:
             raise
         except Exception as e:  # the converter raises ConverterError, RuntimeError, ValueError...
