@@ -201,7 +201,9 @@ def test_teacher_initialised_student_keeps_the_largest_l1_channels_and_starts_ne
     np.testing.assert_array_equal(sliced.get_layer(conv.name).kernel.numpy(), k[..., order])
     assert all(layer.trainable for layer in sliced.layers)
     teacher_acc = evaluate(teacher, val).accuracy
-    assert evaluate(sliced, val).accuracy > 0.5  # before any training (a fresh student is near chance)
+    # before any training; over 5 teacher seeds the sliced student scored 0.50-0.88, a fresh one 0.06-0.09 (chance)
+    fresh_acc = evaluate(derive_student(teacher, 0.5), val).accuracy
+    assert evaluate(sliced, val).accuracy > max(0.3, fresh_acc + 0.2)
     sliced_run = distill(teacher, 0.5, train, val, DistillOptions(epochs=1, student_init="teacher"), verbose=0)
     fresh_run = distill(teacher, 0.5, train, val, DistillOptions(epochs=1, student_init="scratch"), verbose=0)
     assert sliced_run.student_accuracy >= teacher_acc - 0.05

@@ -155,3 +155,31 @@ def test_large_models_convert_through_a_saved_module_with_the_keras_paths_result
     assert list(_signatures(qat_int8)) == ["serving_default"]
     _same_int8_results(qat_int8, _reference_int8(q, train), x)
     assert not list(module_path.glob("kcompress-convert-*"))  # every temporary SavedModel was removed
+
+
+def test_conversions_of_one_model_share_one_saved_module_and_give_the_same_files(trained_cnn, digits, module_path,
+                                                                                  monkeypatch):
+    """fp32 and int8 of one model (what kc.quantize and kc.qat convert) save it for the converter once; the files are
+    those of conversions made one by one."""
+    import os
+
+    train, _ = digits
+    saves, real = [], ptq._save_module
+
+    def counted(model, folder):
+        saves.append(folder)
+        real(model, folder)
+
+    monkeypatch.setattr(ptq, "_save_module", counted)
+    opts = QuantizeOptions(mode="int8", calibration_samples=CALIB)
+    calib = lambda: train.calibration_samples((8, 8, 1), CALIB, seed=0)  # noqa: E731
+    alone = [convert(trained_cnn), convert(trained_cnn, opts, calibration=calib)]
+    assert len(saves) == 2
+    with ptq.converting(trained_cnn) as m:
+        shared = [convert(m), convert(m, opts, calibration=calib)]
+        assert len(saves) == 3 and os.path.isdir(saves[-1])
+    assert shared == alone
+    assert not list(module_path.glob("kcompress-convert-*"))  # removed with the context
+    monkeypatch.setattr(ptq, "MODULE_MIN_PARAMS", 10**9)  # below the threshold: nothing to share
+    with ptq.converting(trained_cnn) as m:
+        assert m is trained_cnn and len(saves) == 3

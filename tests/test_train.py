@@ -272,6 +272,45 @@ def test_tied_val_accuracy_keeps_the_epoch_of_lowest_val_loss(digits, tmp_path, 
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), kept)), tied.losses
 
 
+def _count_traces(model) -> list:
+    """Counts the Python calls of ``model.train_step``: one per trace of Keras's train function."""
+    calls, step = [], model.train_step
+
+    def counted(data):
+        calls.append(1)
+        return step(data)
+
+    model.train_step = counted
+    return calls
+
+
+def test_training_state_built_first_traces_the_step_once_and_trains_as_keras_does(digits):
+    """Reference: Keras's own fit of a twin model (same weights, data, optimizer), which creates the optimizer's and
+    the metrics' variables in its first step and so traces the step twice."""
+    from kcompress.train import build_training_state, compile_classifier, fit
+    from kcompress.zoo import digits_cnn
+
+    x, y = next(digits[0].numpy_batches((8, 8, 1), batch_size=256))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    trained = []
+    for prebuild in (False, True):
+        keras.utils.set_random_seed(0)
+        model = digits_cnn(width=8)
+        compile_classifier(model, optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+        traces = _count_traces(model)
+        if prebuild:
+            build_training_state(model, ds)
+        model.fit(ds, epochs=2, verbose=0)
+        assert len(traces) == (1 if prebuild else 2)
+        trained.append(model.get_weights())
+    for a, b in zip(*trained):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    model = digits_cnn(width=8)
+    traces = _count_traces(model)
+    fit(model, *digits, epochs=2, lr=0.02, verbose=0, train_options=TrainOptions(optimizer="sgd"))
+    assert len(traces) == 1  # kcompress.fit, which every training stage but distillation goes through
+
+
 # ------------------------------------------------------------------------------------------------- distillation
 
 
@@ -331,6 +370,23 @@ def test_distillation_takes_the_train_sections_augmentation_and_says_the_cache_i
     with pytest.raises(UsageError, match="cannot use cached teacher outputs"):
         distill(teacher, _twin(teacher), train, val, opts.replace(cache_teacher="memory"), verbose=0,
                 train_options=TrainOptions(augment="flip"))
+
+
+def test_distillation_traces_its_train_step_once(digits, monkeypatch):
+    from kcompress.distillation.loss import Distiller
+    from kcompress.distillation.trainer import distill
+
+    calls, step = [], Distiller.train_step
+
+    def counted(self, data):
+        calls.append(1)
+        return step(self, data)
+
+    monkeypatch.setattr(Distiller, "train_step", counted)
+    teacher = _tiny_teacher()
+    r = distill(teacher, _twin(teacher), *digits, DistillOptions(epochs=2, lr=0.01, min_teacher_accuracy=0.0),
+                verbose=0, train_options=TrainOptions(optimizer="sgd", augment="none"))
+    assert len(r.history) == 2 and len(calls) == 1  # two traces when the optimizer builds in the first step
 
 
 # ------------------------------------------------------------------------------------------------- config and CLI

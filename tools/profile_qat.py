@@ -39,6 +39,7 @@ FAMILIES = {
     "densenet121": "DenseNet121",
     "resnet50": "ResNet50",
     "mobilenetv3small": "MobileNetV3Small",
+    "inceptionresnetv2": "InceptionResNetV2",
 }
 DEFAULT = ("nasnetmobile", "mobilenetv2", "efficientnetb0", "densenet121", "resnet50")
 

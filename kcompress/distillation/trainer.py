@@ -44,7 +44,7 @@ from kcompress.errors import KcompressError, UsageError
 from kcompress.modelinfo import count_params, input_shape, num_classes
 from kcompress.options import DistillOptions, TrainOptions
 from kcompress.progress import progress
-from kcompress.train import copy_into_scope, epoch_rank, ranks_above, strategy
+from kcompress.train import build_optimizer, copy_into_scope, epoch_rank, ranks_above, strategy
 
 __all__ = [
     "DistillResult",
@@ -417,6 +417,7 @@ def distill(
         with strat.scope():
             distiller = Distiller(student, teacher, options.alpha, schedule(0, options.epochs))
             distiller.compile(optimizer=rec.make_optimizer())
+            build_optimizer(distiller.optimizer, student.trainable_variables)  # the step is traced once
         monitor = "val_accuracy" if val is not None else "accuracy"
         cb = _EpochState(distiller, schedule, options.epochs, monitor, options.patience, checkpoint_dir, fingerprint,
                          state)

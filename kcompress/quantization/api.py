@@ -150,7 +150,7 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
     from kcompress.litert.interpreter import TFLiteModel
     from kcompress.modelinfo import input_shape, num_classes
     from kcompress.quantization.metadata import add_metadata, deployment_info
-    from kcompress.quantization.ptq import convert
+    from kcompress.quantization.ptq import convert, converting
     from kcompress.quantization.sensitivity import choose_float_layers
 
     opts = resolve_options(QuantizeOptions, options, mode=mode, **option_fields)
@@ -183,20 +183,21 @@ def quantize(model, data, mode: Optional[str] = None, *, val_data=None, test_dat
     opts, plan = choose_float_layers(source, opts, src, val, log=log)  # no-op without float layers (exports)
     log(f"Converting {describe(model)} ({opts.mode}, {'per-channel' if opts.per_channel else 'per-tensor'} "
         "weights) ...")
-    fp32 = fp32 or convert(source)
     calibration = lambda: src.calibration_samples(shape, opts.calibration_samples, seed=seed)  # noqa: E731
     precision, int8 = None, None
     if recipe is not None and opts.mode != QuantMode.INT4_WEIGHTS:
         raise UsageError("recipe applies to mode int4-weights only")
     recipe = recipe if recipe is not None else opts.recipe  # rules (API only), or the option's file / "auto"
-    if opts.mode == QuantMode.INT4_WEIGHTS:  # ai-edge-quantizer on the fp32 file; int8 made too, to compare
-        from kcompress.quantization.aeq import int4_weights
+    with converting(source) as conv:  # a large model is saved for the converter once for every conversion
+        fp32 = fp32 or convert(conv)
+        if opts.mode == QuantMode.INT4_WEIGHTS:  # ai-edge-quantizer on the fp32 file; int8 made too, to compare
+            from kcompress.quantization.aeq import int4_weights
 
-        quant, precision = int4_weights(None if exported else source, fp32, recipe, calibration, val,
-                                        opts.max_drop, log=log)
-        int8 = convert(source, opts.replace(mode=QuantMode.INT8, recipe=None), calibration=calibration)
-    else:
-        quant = fp32 if opts.mode == QuantMode.FP32 else convert(source, opts, calibration=calibration)
+            quant, precision = int4_weights(None if exported else source, fp32, recipe, calibration, val,
+                                            opts.max_drop, log=log)
+            int8 = convert(conv, opts.replace(mode=QuantMode.INT8, recipe=None), calibration=calibration)
+        else:
+            quant = fp32 if opts.mode == QuantMode.FP32 else convert(conv, opts, calibration=calibration)
     before = evaluate(fp32 if exported else source, val, limit=limit,
                       description="evaluating fp32" if exported else "evaluating keras")
     after = evaluate(quant, val, limit=limit, description="evaluating tflite")

@@ -273,7 +273,7 @@ def qat(
     """
     from kcompress.evaluation import evaluate
     from kcompress.modelinfo import input_shape
-    from kcompress.quantization.ptq import convert
+    from kcompress.quantization.ptq import convert, converting
 
     options = options or QATOptions()
     q = (quantize or QuantizeOptions()).replace(mode=QuantMode.INT8, recipe=None)
@@ -296,13 +296,14 @@ def qat(
             }
         )
 
-    fp32_tfl = convert(model)
-    fp32_acc = evaluate(fp32_tfl, val, description="fp32 (LiteRT)").accuracy
-    row("fp32", fp32_acc, fp32_tfl)
     ptq_tfl = None
-    if ptq:
-        ptq_tfl = convert(model, q, calibration=calib)
-        row("PTQ int8", evaluate(ptq_tfl, val, description="PTQ int8 (LiteRT)").accuracy, ptq_tfl)
+    with converting(model) as source:  # a large model is saved for the converter once, not twice
+        fp32_tfl = convert(source)
+        fp32_acc = evaluate(fp32_tfl, val, description="fp32 (LiteRT)").accuracy
+        row("fp32", fp32_acc, fp32_tfl)
+        if ptq:
+            ptq_tfl = convert(source, q, calibration=calib)
+            row("PTQ int8", evaluate(ptq_tfl, val, description="PTQ int8 (LiteRT)").accuracy, ptq_tfl)
 
     keras.utils.set_random_seed(seed)  # the QAT model's random layers (dropout) are seeded: runs are reproducible
     qmodel, info = qat_model(model, q.float_layers, q.per_channel, options.preserve_sparsity)
