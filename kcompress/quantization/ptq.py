@@ -100,9 +100,11 @@ def _converter(model, path: _Path, workdir: str):
     (``convert_variables_to_constants_v2``), which held about 7 copies of the weights through the whole
     conversion: int8 of InceptionResNetV2 at 75x75 (217 MB of weights) peaked at 3.8 GiB resident that way, 2.4 GiB
     as a module; VGG16 at 32x32 2.3 vs 1.5 GiB (issue 14, ``/proc`` sampled every 20 ms). Time: PTQ the same, the
-    QAT export of InceptionResNetV2 13% slower (coverage stages, same session). ``KERAS`` (``from_keras_model``)
-    saves the Keras model itself, tracing every layer's call functions for serialization: most of the time on deep models (int8 export of
-    QAT DenseNet121 at 32x32: 82 CPU s that way, 7 s traced) and up to 2 GiB more memory.
+    QAT export of InceptionResNetV2 13% slower (coverage stages, same session) while every variable was saved;
+    saving only those inference reads took that export from 63.8 to 43.9 s (``tools/profile_qat.py``, with the
+    other speed-ups of the same change). ``KERAS`` (``from_keras_model``) saves the Keras model itself, tracing
+    every layer's call functions for serialization: most of the time on deep models (int8 export of QAT DenseNet121
+    at 32x32: 82 CPU s that way, 7 s traced) and up to 2 GiB more memory.
     Gotcha: the frozen path passes the ``tf.function`` as the converter's ``trackable_obj``; passing the Keras model
     would save it as a SavedModel again.
     """
