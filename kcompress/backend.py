@@ -6,6 +6,7 @@ reached through :func:`keras3` only, for reading users' Keras 3 models.
 """
 
 import contextlib
+import functools
 import os
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
@@ -43,8 +44,9 @@ with _quiet_native_stderr():
 __all__ = ["tf", "keras", "tfmot", "keras3"]
 
 
+@functools.lru_cache(maxsize=None)
 def tfmot():
-    """tensorflow_model_optimization, imported on first use (it takes a second).
+    """tensorflow_model_optimization, imported (and adjusted, once) on first use (it takes a second).
 
     Gotcha: tf_keras runs every layer class defined outside Keras through AutoGraph each time it is traced, and a
     QAT model is hundreds of tfmot ``QuantizeWrapper`` calls. Their ``call`` branches only on Python values

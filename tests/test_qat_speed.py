@@ -183,3 +183,24 @@ def test_conversions_of_one_model_share_one_saved_module_and_give_the_same_files
     monkeypatch.setattr(ptq, "MODULE_MIN_PARAMS", 10**9)  # below the threshold: nothing to share
     with ptq.converting(trained_cnn) as m:
         assert m is trained_cnn and len(saves) == 3
+
+
+def test_quantize_wrappers_traced_without_autograph_compute_what_autograph_traces(trained_cnn, digits, monkeypatch):
+    """kcompress traces tfmot's ``QuantizeWrapper`` as plain Python (``kcompress.backend.tfmot``). Reference: the same
+    QAT model built and traced through AutoGraph, tf_keras's default for a layer class defined outside Keras; in
+    training mode (the fake-quant ranges move) and then in inference mode."""
+    from kcompress.backend import tfmot
+
+    wrapper = tfmot().quantization.keras.QuantizeWrapper
+    x = _val_arrays(digits[1], (8, 8, 1))[:64]
+    outs = []
+    for autograph in (False, True):
+        with monkeypatch.context() as m:
+            if autograph:
+                m.setattr(wrapper, "_should_use_autograph", keras.layers.Layer._should_use_autograph)
+            q, _ = qat_model(trained_cnn)
+            assert wrapper._should_use_autograph(next(la for la in q.layers if isinstance(la, wrapper))) is autograph
+            train_out = tf.function(lambda a: q(a, training=True))(x).numpy()
+            outs.append((train_out, tf.function(lambda a: q(a, training=False))(x).numpy()))
+    for plain, reference in zip(*outs):
+        np.testing.assert_array_equal(plain, reference)

@@ -198,8 +198,8 @@ def convert(
 
         if calibration is None:
             raise UsageError(f"mode {mode} needs calibration data (--data)")
-        keras_model = model.model if isinstance(model, _Saved) else None if isinstance(model, str) else model
-        return int4_weights(keras_model, convert(model), options.recipe,
+        keras_model = model.model if isinstance(model, _Saved) else model
+        return int4_weights(None if isinstance(keras_model, str) else keras_model, convert(model), options.recipe,
                             calibration, max_drop=options.max_drop)[0]
     if mode in ("int8", "int16x8") and calibration is None:
         raise UsageError(f"mode {mode} needs calibration data (--data)")
