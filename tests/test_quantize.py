@@ -10,9 +10,9 @@ from kcompress.backend import keras, tfmot
 from kcompress.cli import main
 from kcompress.data import Preprocess, open_data
 from kcompress.io import save_model
-from kcompress.litert.interpreter import TFLiteModel
+from kcompress.litert.interpreter import TFLiteModel, tflite_tensors
 from kcompress.options import QATOptions, QuantizeOptions
-from kcompress.quantization.qat import MAX_INT8_RATIO, diverging_layers, qat
+from kcompress.quantization.qat import MAX_INT8_RATIO, diverging_layers, qat, tidy_name
 from kcompress.quantization.qat_graph import calibrate, qat_model, weight_sparsity
 from kcompress.quantization.sensitivity import auto_float_layers, sensitivity
 from kcompress.train import fit
@@ -64,6 +64,10 @@ def test_qat_export_matches_keras_and_is_really_int8(trained, digits):
     else:
         assert res.verdict == f"QAT int8 beat PTQ int8 by {(qat_acc - ptq_acc) * 100:.2f} points on VAL"
     assert TFLiteModel(res.tflite).predict(np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 10)
+    # tensors are named as the PTQ export of the same float model names them (no tfmot wrapper or fake-quant paths)
+    qat_names = sorted(t.name for t in tflite_tensors(res.tflite))
+    assert qat_names == sorted(t.name for t in tflite_tensors(res.ptq_tflite))
+    assert not [n for n in qat_names if "quant_" in n or "FakeQuant" in n]
     # the divergence report behind the "TFLite collapsed" warning matches Keras layers to TFLite tensors
     x = next(iter(val.numpy_batches((8, 8, 1), batch_size=4)))[0]
     div = diverging_layers(res.qat_model, res.tflite, x, top=20)
@@ -71,6 +75,20 @@ def test_qat_export_matches_keras_and_is_really_int8(trained, digits):
     assert matched >= {"quant_relu1", "quant_relu2", "quant_fc1"}  # conv1/conv2 are fused into their ReLUs
     assert "quant_classifier" not in matched  # its TFLite tensor holds logits, the Keras layer softmax
     assert all(0 <= d["relative_rmse"] < 0.5 for d in div)
+
+
+@pytest.mark.parametrize(
+    "raw, tidy",
+    [
+        ("m/quant_conv/Conv2D;m/quant_conv/LastValueQuant/FakeQuantWithMinMaxVarsPerChannel", "m/conv/Conv2D"),
+        ("m/quant_relu/Relu;m/quant_bn/FusedBatchNormV3;m/quant_conv/Conv2D1", "m/relu/Relu;m/bn/FusedBatchNormV3;m/conv/Conv2D1"),
+        ("m/quant_fc/MovingAvgQuantize/FakeQuantWithMinMaxVars", "m/fc"),  # nothing else names it: the layer path
+        ("image", "image"),
+        ("m/add/add;m/add/add", "m/add/add"),
+    ],
+)
+def test_tidy_name_drops_the_qat_wrapper_and_its_quantizer_ops(raw, tidy):
+    assert tidy_name(raw) == tidy
 
 
 def _random_images(tmp_path, n=32, size=32, seed=0):
