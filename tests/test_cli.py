@@ -220,11 +220,13 @@ def test_quantize_float_layers_auto(cnn_path, tmp_path):
     for name, part in (("val", val), ("test", test)):
         paths[name] = str(tmp_path / f"{name}.npz")
         np.savez(paths[name], x=np.concatenate([x for x, _ in part.numpy_batches((8, 8, 1), 512)]), y=part.labels)
+    # a budget of two VAL images (179 images: 0.56 points each): the session's CNN is not bitwise reproducible
+    # (threaded training), and with 0.3 one image that int8 flips in some runs whatever layers stay float failed it
     r = run_cli("quantize", cnn_path, "--data", "digits:train", "--val-data", paths["val"], "--test-data",
-                paths["test"], *SCALE, "--float-layers", "auto", "--max-drop", "0.3", "-o", out, "--json")
+                paths["test"], *SCALE, "--float-layers", "auto", "--max-drop", "1.2", "-o", out, "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["accuracy_delta"] >= -0.003 - 1e-9 and d["data"] == paths["val"]  # within budget on VAL by construction
+    assert d["accuracy_delta"] >= -0.012 - 1e-9 and d["data"] == paths["val"]  # within budget on VAL by construction
     # TEST is what it did not choose on: the written file, run in LiteRT here, gives the figure the command reported
     scaled = open_data(paths["test"], Preprocess(scale=1 / 255))
     assert d["test"]["num_samples"] == test.num_samples
