@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from kcompress.optionbase import (
     DEFAULT_OPTIMIZER,
+    SGD_WEIGHT_DECAY,
     STAGE_LR,
     OptionError,
     Options,
@@ -144,8 +145,9 @@ class TrainOptions(Options):
     optimizer: Optimizer = opt(DEFAULT_OPTIMIZER, "the optimizer: sgd (Nesterov momentum), adamw or adam (adam: chosen "
                                               "by measurement on digits, see kcompress.options.TrainOptions)")
     momentum: float = opt(0.9, "the Nesterov momentum of sgd")
-    weight_decay: Optional[float] = opt(None, "decay of the kernels (not biases, not BatchNorm): L2 for sgd and adam, "
-                                             "decoupled for adamw (empty: sgd 5e-4, adamw 0.01, adam 0)")
+    weight_decay: Optional[float] = opt(None, "decay of the kernels (not biases, not BatchNorm): L2 for sgd and adam "
+                                             "(the gradient term wd*w: tf_keras's kernel_regularizer=l2(5e-4) is "
+                                             "1e-3), decoupled for adamw (empty: sgd 1e-3, adamw 0.01, adam 0)")
     lr_schedule: Optional[LRSchedule] = opt(None, "learning rate over a stage's steps: cosine (to 0 at the last "
                                                  "step) or constant (empty: cosine for sgd, as the usual SGD recipe; "
                                                  "constant for adam and adamw, which beat cosine on digits)")
@@ -183,7 +185,7 @@ class TrainOptions(Options):
         """``weight_decay``, or the optimizer's default."""
         if self.weight_decay is not None:
             return self.weight_decay
-        return {Optimizer.SGD: 5e-4, Optimizer.ADAMW: 0.01}.get(self.optimizer, 0.0)
+        return {Optimizer.SGD: SGD_WEIGHT_DECAY, Optimizer.ADAMW: 0.01}.get(self.optimizer, 0.0)
 
 
 @dataclass(frozen=True)

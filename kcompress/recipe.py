@@ -5,9 +5,11 @@ Every training stage builds one with :func:`recipe` (:func:`kcompress.train.fit`
 the pruning fine-tunes, the distiller, QAT), so they all train the same way:
 
 - ``sgd``: Nesterov momentum; weight decay is L2 regularisation of the kernels (``wd * w`` added to their
-  gradients, so it passes through the momentum, as PyTorch's ``SGD(weight_decay=)`` and a hand-written
-  ``kernel_regularizer`` recipe do). tf_keras's own ``weight_decay`` argument is *decoupled* (``w -= lr * wd * w``
-  after the step), about ``1 / (1 - momentum)`` = 10x weaker with momentum 0.9, so it is not used for sgd.
+  gradients, so it passes through the momentum, as PyTorch's ``SGD(weight_decay=wd)`` does). Gotcha: tf_keras's
+  ``kernel_regularizer=l2(x)`` adds ``x * sum(w**2)`` to the loss, so its gradient is ``2x * w``: a hand-written
+  recipe's "L2 5e-4" is ``wd = 1e-3`` here (the default, see :data:`kcompress.optionbase.SGD_WEIGHT_DECAY`).
+  tf_keras's own ``weight_decay`` argument is *decoupled* (``w -= lr * wd * w`` after the step), about
+  ``1 / (1 - momentum)`` = 10x weaker with momentum 0.9, so it is not used for sgd.
 - ``adamw``: tf_keras's AdamW (decoupled decay), on the kernels only; ``adam``: L2 on the kernels, as for sgd.
 - Kernels are the variables of rank 2 or more (conv, dense, depthwise); biases and BatchNorm are never decayed.
 - ``cosine``: a linear warm-up from 0 over ``warmup_epochs``, then half a cosine from the rate to 0 at the
@@ -144,7 +146,7 @@ class Recipe:
         return ",".join(n if v is None else f"{n}:{v:g}" for n, v in self.augment) or "none"
 
     def describe(self, augment: Optional[str] = None) -> str:
-        """One line for the log: ``sgd (Nesterov 0.9, L2 5e-4) lr 0.05 cosine over 230 steps; augment none``
+        """One line for the log: ``sgd (Nesterov 0.9, L2 1e-3) lr 0.05 cosine over 230 steps; augment none``
         (``augment`` replaces the augmentation's description)."""
         if self.optimizer == Optimizer.SGD:
             opt = f"sgd (Nesterov momentum {self.momentum:g}" + (f", L2 {self.weight_decay:g})"

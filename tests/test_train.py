@@ -152,10 +152,10 @@ def test_recipe_counts_steps_and_the_optimizer_follows_the_schedule():
 
     r = recipe(TrainOptions(optimizer="sgd", lr_schedule="cosine", warmup_epochs=0.5, augment="none"), 0.05,
                epochs=3, steps_per_epoch=10)
-    assert (r.total_steps, r.warmup_steps, r.weight_decay) == (30, 5, 5e-4)
+    assert (r.total_steps, r.warmup_steps, r.weight_decay) == (30, 5, 1e-3)
     opt = r.make_optimizer()
     assert isinstance(opt, L2SGD) and opt.nesterov and opt.momentum == pytest.approx(0.9)
-    assert "sgd (Nesterov momentum 0.9, L2 0.0005), lr 0.05 cosine to 0 over 30 steps after 5 warm-up" in r.describe()
+    assert "sgd (Nesterov momentum 0.9, L2 0.001), lr 0.05 cosine to 0 over 30 steps after 5 warm-up" in r.describe()
     const = recipe(TrainOptions(optimizer="adam", augment="none"), 1e-3, 2, 10)
     assert const.learning_rate() == 1e-3 and type(const.make_optimizer()) is keras.optimizers.Adam
 
@@ -165,7 +165,7 @@ def test_empty_rates_schedule_and_decay_suit_the_optimizer():
 
     adam, sgd = TrainOptions(), TrainOptions(optimizer="sgd")
     assert adam.optimizer == "adam" and (adam.schedule, adam.decay) == ("constant", 0.0)  # the measured default
-    assert (sgd.schedule, sgd.decay) == ("cosine", 5e-4) and TrainOptions(optimizer="adamw").decay == 0.01
+    assert (sgd.schedule, sgd.decay) == ("cosine", 1e-3) and TrainOptions(optimizer="adamw").decay == 0.01
     assert TrainOptions(optimizer="sgd", lr_schedule="constant", weight_decay=0).schedule == "constant"
     # adam keeps the rates every stage had before the train section
     assert (ModelOptions().rate(), DistillOptions().rate(), QATOptions().rate()) == (2e-3, 1e-3, 1e-4)
@@ -204,6 +204,32 @@ def test_sgd_weight_decay_is_l2_on_kernels_through_the_momentum_and_never_on_bia
     np.testing.assert_array_equal(bias.numpy(), b0)  # zero gradient, no decay
 
 
+def test_sgd_default_decay_equals_a_tf_keras_l2_5e4_kernel_regularizer():
+    """The hand-written recipe's "L2 5e-4" (``kernel_regularizer=l2(5e-4)``, gradient 1e-3 * w) is sgd's default:
+    the same fit with tf_keras's regularizer and plain Nesterov SGD ends at the same weights."""
+    from kcompress.recipe import recipe
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 3)).astype(np.float32), rng.integers(0, 2, 32)
+
+    def trained(regularizer, optimizer):
+        inp = keras.Input((3,))
+        model = keras.Model(inp, keras.layers.Dense(2, name="d", kernel_regularizer=regularizer)(inp))
+        model.set_weights(_two_variable_model().get_weights())
+        model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+        return model.get_weights()
+
+    ours = recipe(TrainOptions(optimizer="sgd", lr_schedule="constant", augment="none"), 0.1, 3, 4).make_optimizer()
+    hand = keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True)
+    got, ref = trained(None, ours), trained(keras.regularizers.l2(5e-4), hand)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    half = recipe(TrainOptions(optimizer="sgd", weight_decay=5e-4, lr_schedule="constant", augment="none"), 0.1, 3,
+                  4).make_optimizer()
+    assert np.abs(trained(None, half)[0] - ref[0]).max() > 1e-5  # the test tells the two decays apart
+
+
 def test_adamw_decays_kernels_only():
     from kcompress.recipe import KernelAdamW, recipe
 
@@ -226,7 +252,7 @@ def test_fit_with_sgd_cosine_and_crop_trains_and_saves_a_model_plain_tf_keras_lo
     model = digits_cnn(width=8)
     hist = fit(model, *digits, epochs=2, lr=0.05, verbose=0, log=lines.append,
                train_options=TrainOptions(optimizer="sgd", lr_schedule="cosine", augment="crop:1"))
-    assert "sgd (Nesterov momentum 0.9, L2 0.0005), lr 0.05 cosine to 0 over 46 steps; augment crop:1" in lines[0]
+    assert "sgd (Nesterov momentum 0.9, L2 0.001), lr 0.05 cosine to 0 over 46 steps; augment crop:1" in lines[0]
     assert max(hist.history["val_accuracy"]) > 0.4  # chance is 0.1; measured 0.74 (crop:2 on 8x8 digits: 0.3)
     x = next(digits[1].numpy_batches((8, 8, 1), batch_size=16))[0]
     for name in ("m.keras", "m.h5"):  # re-compiled with a plain Adam: no kcompress class in the file
@@ -422,8 +448,8 @@ def test_cli_distill_with_augment_none_and_sgd_on_digits(cnn_path, tmp_path):
             "1/255", "--epochs", "2", "--max-drop", "100", "-o", out]
     r = run_cli(*args, "--augment", "none", "--optimizer", "sgd")
     assert r.exit_code == 0, r.output
-    # the rate, schedule and decay left empty take sgd's: distill.lr 0.02, cosine, L2 5e-4
-    assert "sgd (Nesterov momentum 0.9, L2 0.0005), lr 0.02 cosine to 0 over 46 steps; augment none" in r.output
+    # the rate, schedule and decay left empty take sgd's: distill.lr 0.02, cosine, L2 1e-3
+    assert "sgd (Nesterov momentum 0.9, L2 0.001), lr 0.02 cosine to 0 over 46 steps; augment none" in r.output
     assert "teacher outputs: cached once, in memory" in r.output
     assert keras.models.load_model(out).output_shape == (None, 10)
     bad = run_cli(*args, "--augment", "flop", "--overwrite")
