@@ -249,11 +249,12 @@ def test_fit_with_sgd_cosine_and_crop_trains_and_saves_a_model_plain_tf_keras_lo
     from kcompress.zoo import digits_cnn
 
     lines = []
+    keras.utils.set_random_seed(0)  # the initial weights too: unseeded, it failed once in six runs of this file
     model = digits_cnn(width=8)
     hist = fit(model, *digits, epochs=2, lr=0.05, verbose=0, log=lines.append,
                train_options=TrainOptions(optimizer="sgd", lr_schedule="cosine", augment="crop:1"))
     assert "sgd (Nesterov momentum 0.9, L2 0.001), lr 0.05 cosine to 0 over 46 steps; augment crop:1" in lines[0]
-    assert max(hist.history["val_accuracy"]) > 0.4  # chance is 0.1; measured 0.74 (crop:2 on 8x8 digits: 0.3)
+    assert max(hist.history["val_accuracy"]) > 0.4  # chance is 0.1; measured 0.76 (crop:2 on 8x8 digits: 0.3)
     x = next(digits[1].numpy_batches((8, 8, 1), batch_size=16))[0]
     for name in ("m.keras", "m.h5"):  # re-compiled with a plain Adam: no kcompress class in the file
         model.save(tmp_path / name)
