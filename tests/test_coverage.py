@@ -197,6 +197,27 @@ def test_doc_has_header_tables_reasons_and_summary(tmp_path):
     assert "1 of 2 cells pass" in text and "MobileNetV2 nested qat (4.9 GiB)" in text
 
 
+def test_rerun_of_some_stages_keeps_the_others_with_where_they_were_measured(tmp_path):
+    """``--rerun --stages qat`` replaces the qat cell only; the ptq cell keeps its own commit, date and host, and the
+    header names both hosts and commits (it named this machine for every cell, and a rerun dropped the other cells)."""
+    old = {"family": "F", "app": "F", "label": "F", "variant": "top", "input": 32, "params": 1000, "commit": "old1234",
+           "date": "2026-01-01T00:00:00", "host": "CPU A, 2 cores", "build": {"ok": True, "seconds": 1, "peak_mib": 100},
+           "stages": {"ptq": {"ok": True, "reason": "", "seconds": 5.0, "peak_mib": 900.0},
+                      "qat": {"ok": True, "reason": "", "seconds": 60.0, "peak_mib": 5000.0}}}
+    stamp = {"commit": "new5678", "date": "2026-02-01T00:00:00", "host": "CPU B, 2 cores"}
+    new = {**old, **stamp, "stages": {"qat": {"ok": True, "reason": "", "seconds": 40.0, "peak_mib": 3000.0, **stamp}}}
+    merged = cov.merge_rerun(old, new)
+    assert list(merged["stages"]) == ["ptq", "qat"] and merged["stages"]["qat"]["seconds"] == 40.0
+    assert (merged["stages"]["ptq"]["commit"], merged["stages"]["ptq"]["host"]) == ("old1234", "CPU A, 2 cores")
+    assert cov.merge_rerun(None, new) is new
+    text = cov.write_doc({"F/top": merged}, str(tmp_path / "C.md"), "python tools/coverage.py")
+    header = text.split("## ")[0]
+    assert "new5678, old1234" in header and "CPU A, 2 cores; CPU B, 2 cores" in header
+    assert "2026-01-01T00:00:00 to 2026-02-01T00:00:00" in header
+    row = next(line for line in text.splitlines() if line.startswith("| F "))
+    assert "ok 5 s" in row and "ok 40 s" in row and "2.9 GiB" in row  # the rerun's peak, not the old 4.9 GiB
+
+
 def test_help_answers_without_tensorflow():
     out = subprocess.run([sys.executable, "-c", f"import runpy, sys; sys.argv = ['coverage.py', '--help']\n"
                           f"try:\n    runpy.run_path({TOOL!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"

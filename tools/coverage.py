@@ -704,10 +704,27 @@ def run_family(fam: Family, variant: str, args) -> dict:
             for s in args.stages:
                 merged["stages"].setdefault(s, {"ok": False, "reason": f"not run: {why} while building"})
             break
-    merged["commit"] = commit()
-    merged["date"] = datetime.datetime.now().isoformat(timespec="seconds")
+    stamp = {"commit": commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": host()}
+    merged.update(stamp)
+    for cell in merged["stages"].values():  # each cell says where it was measured: a rerun of some stages keeps the rest
+        cell.update(stamp)
     merged["stages"] = {s: merged["stages"][s] for s in STAGES if s in merged["stages"]}
     return merged
+
+
+def merge_rerun(old: Optional[dict], new: dict) -> dict:
+    """``new`` (a run of some stages) over ``old`` (the same family and variant's earlier record): the stages ``new``
+    did not run keep their cells, each with the commit, date and host it was measured with."""
+    if not old:
+        return new
+    stages = {}
+    for s in STAGES:
+        if s in new["stages"]:
+            stages[s] = new["stages"][s]
+        elif s in old.get("stages", {}):
+            stages[s] = {"commit": old.get("commit"), "date": old.get("date"), "host": old.get("host"),
+                         **old["stages"][s]}
+    return {**new, "stages": stages}
 
 
 # ------------------------------------------------------------------------------------------------ the document
@@ -717,6 +734,11 @@ def _cpu() -> str:
     from kcompress.bench.schema import host_target
 
     return host_target()["cpu"]
+
+
+def host() -> str:
+    """This machine as the document names it: CPU and usable cores."""
+    return f"{_cpu()}, {_cores()} cores"
 
 
 def _cores() -> int:
@@ -787,8 +809,14 @@ def write_doc(results: dict, path: str, command: str, stages=STAGES) -> str:
     """The Markdown matrix: header (command, date, CPU, commit), then per variant a pass/fail table with stage times,
     the full failure reasons, the key figures; then the summary."""
     entries = list(results.values())
-    commits = sorted({e.get("commit", "?") for e in entries})
-    dates = sorted(e.get("date", "") for e in entries if e.get("date"))
+    cells = [{"commit": e.get("commit"), "date": e.get("date"), "host": e.get("host"), **c}
+             for e in entries for c in (e.get("stages") or {"": {}}).values()]
+    commits = sorted({c.get("commit") or "?" for c in cells})
+    dates = sorted(c["date"] for c in cells if c.get("date"))
+    hosts = sorted({c["host"] for c in cells if c.get("host")})
+    if any(not c.get("host") for c in cells):  # cells measured before the host was recorded per cell
+        hosts.append("not recorded for the cells run before it was (the document then named the machine it was "
+                     "written on: Intel(R) Xeon(R) Processor, 2 cores)")
     lines = [
         "# Coverage: tf_keras.applications families through every stage",
         "",
@@ -800,8 +828,7 @@ def write_doc(results: dict, path: str, command: str, stages=STAGES) -> str:
         "",
         f"- Run: {dates[0] if dates else '?'}" + (f" to {dates[-1]}" if len(dates) > 1 and dates[-1] != dates[0]
                                                   else ""),
-        f"- Host: {_cpu()}, {_cores()} cores, {platform.system()} {platform.machine()}; Python "
-        f"{platform.python_version()}",
+        f"- Host: {'; '.join(hosts)}; {platform.system()} {platform.machine()}; Python {platform.python_version()}",
         f"- kcompress commit: {', '.join(commits) or '?'}",
         f"- Packages: {_versions()}",
         f"- Data: scikit-learn digits upsampled (nearest) to the input size, {SAMPLES} TRAIN and {SAMPLES} VAL samples "
@@ -952,7 +979,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         rec = run_family(fam, v, args)
         with lock:
-            results[f"{fam.app}/{v}"] = rec
+            results[f"{fam.app}/{v}"] = rec = merge_rerun(results.get(f"{fam.app}/{v}"), rec)
             _write_json(args.json, {"results": results})
             write_doc(results, args.out, command, STAGES)
             cells = " ".join(f"{s}:{'ok' if c.get('ok') else 'FAIL'}" for s, c in rec["stages"].items())
