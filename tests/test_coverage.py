@@ -180,7 +180,7 @@ def test_doc_has_header_tables_reasons_and_summary(tmp_path):
         "MobileNetV2/nested": {
             "family": "MobileNetV2", "app": "MobileNetV2", "label": "MobileNetV2 (alpha 0.35)", "variant": "nested",
             "input": 32, "params": 420000, "commit": "abc1234", "date": "2026-01-01T00:00:00",
-            "build": {"ok": True, "seconds": 2.0, "peak_mib": 500.0},
+            "host": "CPU A, 2 cores", "build": {"ok": True, "seconds": 2.0, "peak_mib": 500.0},
             "stages": {"ptq": {"ok": True, "reason": "", "seconds": 7.4, "peak_mib": 800.0},
                        "qat": {"ok": False, "reason": "3 float compute op(s) left: MUL -> sequential/se/mul | x",
                                "seconds": 50.0, "peak_mib": 5000.0}},
@@ -190,7 +190,7 @@ def test_doc_has_header_tables_reasons_and_summary(tmp_path):
     text = cov.write_doc(results, path, "python tools/coverage.py --families MobileNetV2")
     assert open(path).read() == text
     assert "python tools/coverage.py --families MobileNetV2" in text and "abc1234" in text
-    assert "cores" in text and "## Nested backbone" in text and "## Top-level" not in text
+    assert "- Host: CPU A, 2 cores;" in text and "## Nested backbone" in text and "## Top-level" not in text
     row = next(line for line in text.splitlines() if line.startswith("| MobileNetV2 (alpha 0.35)"))
     assert "ok 7 s" in row and "FAIL 50 s [1]" in row and "4.9 GiB" in row
     assert "1. MobileNetV2 / qat: 3 float compute op(s) left: MUL -> sequential/se/mul \\| x" in text

@@ -813,10 +813,7 @@ def write_doc(results: dict, path: str, command: str, stages=STAGES) -> str:
              for e in entries for c in (e.get("stages") or {"": {}}).values()]
     commits = sorted({c.get("commit") or "?" for c in cells})
     dates = sorted(c["date"] for c in cells if c.get("date"))
-    hosts = sorted({c["host"] for c in cells if c.get("host")})
-    if any(not c.get("host") for c in cells):  # cells measured before the host was recorded per cell
-        hosts.append("not recorded for the cells run before it was (the document then named the machine it was "
-                     "written on: Intel(R) Xeon(R) Processor, 2 cores)")
+    hosts = sorted({c.get("host") or "not recorded" for c in cells})
     lines = [
         "# Coverage: tf_keras.applications families through every stage",
         "",

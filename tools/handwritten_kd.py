@@ -4,8 +4,9 @@
 A fresh half-width ResNet-20-style student (``zoo.resnet_cifar(width=8)``, 69,570 params), KD T=4 alpha 0.5 with the
 teacher run on the same augmented batch (flip + reflect-pad-4 crop), SGD Nesterov 0.9, cosine from 0.1, L2 5e-4 on
 kernels as ``5e-4 * tf.nn.l2_loss`` (gradient ``5e-4 * w``: half of tf_keras's ``l2(5e-4)`` regularizer, whose
-gradient is ``1e-3 * w``; ``--l2 1e-3`` for that), batch 128, best epoch by VAL accuracy, reported on TEST. Only the splits come from kcompress (the same
-stratified 20k TRAIN / 10% VAL / 10k TEST as ``tools/bench_recipe_distill.py``); the training is plain tf_keras.
+gradient is ``1e-3 * w``; ``--l2 1e-3`` for that), batch 128, best epoch by VAL accuracy, reported on TEST. Only the
+splits come from kcompress (the same stratified 20k TRAIN / 10% VAL / 10k TEST as ``tools/bench_recipe_distill.py``);
+the training is plain tf_keras.
 
     nice python tools/handwritten_kd.py --teacher runs/teacher/01-baseline/model.keras \\
         --data ../shared/data/cifar10 --seeds 0 1

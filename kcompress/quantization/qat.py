@@ -88,11 +88,12 @@ def tidy_name(name: str) -> str:
     ``quant_`` prefix on layer paths and without the fake-quant op paths the converter fused into the name, e.g.
     ``m/quant_conv/Conv2D;m/quant_conv/LastValueQuant/FakeQuantWithMinMaxVarsPerChannel`` -> ``m/conv/Conv2D``.
     (A layer of the user's own whose name starts with ``quant_`` loses that prefix too.)"""
+    fused = name.split(";")
     parts = []
-    for part in name.split(";"):
+    for part in fused:
         tidy = _WRAPPER_PREFIX.sub(r"\1", part)
         stripped = _QUANTIZER_PATH.sub("", tidy)
-        if stripped != tidy and len(name.split(";")) > 1:
+        if stripped != tidy and len(fused) > 1:
             continue  # the quantizer's op, fused with the layer's own op named in another part
         if stripped not in parts:
             parts.append(stripped)
