@@ -199,6 +199,22 @@ def test_both_removes_blocks_and_channels_and_fine_tunes(trained, digits):
     assert r.accuracy_after is not None and r.accuracy_after > 0.5
 
 
+def test_both_takes_block_share_of_the_reduction_from_blocks(trained, digits):
+    """A larger ``block_share`` removes more blocks (never past the target) and leaves less to channels; the MACs
+    that the blocks removed stay within one block of the share asked (hand arithmetic on the blocks' MACs)."""
+    removed = {}
+    for share in (0.25, 1.0):
+        r = prune_structured(trained, None, digits[1], PruneOptions(granularity="both", target_flops=0.5, rounds=1,
+                                                                    epochs=0, block_share=share))
+        blocks = sum(b["macs"] for b in r.staged["removed_blocks"])
+        goal = share * 0.5 * r.macs_before
+        biggest = max(b.macs for b in find_blocks(trained))
+        assert blocks <= 0.5 * r.macs_before and goal - biggest <= blocks <= goal + biggest, (share, blocks, goal)
+        assert abs(r.flops_reduction - 0.5) <= 0.03
+        removed[share] = len(r.staged["removed_blocks"])
+    assert removed[1.0] > removed[0.25]
+
+
 @pytest.mark.parametrize("granularity", ["block", pytest.param("both", marks=pytest.mark.slow)])
 def test_latency_target_is_timed_reached_or_reported(trained, digits, granularity):
     before = fp32_latency_ms(trained)
@@ -238,6 +254,9 @@ def test_options_are_checked():
         PruneOptions(method="magnitude", granularity="both")
     with pytest.raises(OptionError, match="channel, block, both"):
         PruneOptions(granularity="layer")
+    for share in (0, 1.5):
+        with pytest.raises(OptionError, match="block_share: must be in"):
+            PruneOptions(granularity="both", block_share=share)
     o = PruneOptions(target_latency_ms="2.5", granularity="both", epochs=6)  # replaces the default target_flops
     assert o.target_latency_ms == 2.5 and o.num_rounds() == 2
     # FLOPs targets: rounds of at most 20%, but at least 3 fine-tuning epochs each

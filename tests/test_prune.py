@@ -1,5 +1,6 @@
 """Magnitude and structured pruning: sparsity reached, patterns hold, channel groups rebuild exactly, CLI."""
 
+import re
 import warnings
 
 import numpy as np
@@ -168,6 +169,21 @@ def test_flops_target_reached_and_model_converts(build, tmp_path):
     np.testing.assert_allclose(load_model(str(tmp_path / "m.keras"))(x).numpy(), new(x).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_channel_multiple_keeps_whole_multiples_and_still_meets_the_flops_target(multiple):
+    """Kept channel counts are multiples of ``channel_multiple`` (or the whole group, or its floor), and the channels
+    given back after the search (``multiple`` at a time) bring the MACs close to the target instead of far past it."""
+    model = resnet_cifar(width=8, blocks_per_stage=2)  # groups of 8, 16 and 32 channels
+    res = prune_structured(model, None, None, PruneOptions(target_flops=0.4, epochs=0, channel_multiple=multiple))
+    from conftest import profiler_macs
+
+    drop = 1 - profiler_macs(res.model) / profiler_macs(model)
+    assert 0.4 <= drop <= 0.45, drop  # at or past the target, by less than the 5-point slack
+    assert res.groups
+    for g in res.groups:
+        assert g["kept"] % multiple == 0 or g["kept"] == max(1, int(np.ceil(0.1 * g["channels"]))), g
+
+
 def test_residual_adds_share_one_mask():
     model = resnet_cifar(width=8, blocks_per_stage=2)
     graph = ChannelGraph(model)
@@ -263,9 +279,29 @@ def test_cli_structured_end_to_end(model_file, tmp_path):
                                     "-o", out2])
     assert r.exit_code == 0, r.output
     assert "conv1: 8 ->" in r.output and "latency" in r.output and "MFLOPs" in r.output
+    assert re.search(r"\dx \(\d+\.\d\d-\d+\.\d\dx, 7 trials\) faster", r.output), r.output
     from conftest import profiler_macs  # TensorFlow's count, not the pruner's own counter
 
     assert profiler_macs(load_model(out2)) < 0.56 * profiler_macs(load_model(model_file))
+
+
+def test_before_and_after_are_timed_in_one_run_and_speedups_pair_their_trials(trained, digits):
+    """The input's and the pruned model's fp32/int8 files are timed together (interleaved trials), and each speed-up
+    is the median (and range) of trial i's ratio, computed here with numpy from the trials the result carries."""
+    import kcompress as kc
+    from kcompress.pruning.api import LATENCY_TRIALS
+
+    r = kc.prune(trained, *digits, target_flops=0.5, epochs=0)
+    fast = r.speedups()
+    assert set(fast) == {"fp32", "int8"}
+    for kind in ("fp32", "int8"):
+        b = np.array(r.before[f"{kind}_p50_trials_ms"])
+        a = np.array(r.after[f"{kind}_p50_trials_ms"])
+        assert len(b) == len(a) == LATENCY_TRIALS and fast[kind].paired and fast[kind].trials == LATENCY_TRIALS
+        assert fast[kind].median == pytest.approx(np.median(b / a)) and fast[kind].low == pytest.approx((b / a).min())
+        assert r.before[f"{kind}_p50_ms"] == pytest.approx(np.median(b))
+    assert r.to_dict()["speedups"]["int8"]["median"] == fast["int8"].median
+    assert kc.prune(trained, *digits, target_flops=0.5, epochs=0, measure=False).speedups() == {}
 
 
 def test_cli_usage_errors(model_file):

@@ -4,7 +4,8 @@ fine-tuned with a training recipe, measured on TEST (which chose nothing) agains
 
 The splits are the pipeline's (``configs/cifar10_resnet.yaml``): VAL a stratified 10% of train (chooses the epoch),
 TRAIN a stratified ``--train-limit`` subset of the rest, TEST the 10k test split. Latency: the fp32 and int8
-``.tflite`` at 1 thread, batch 1, 5 interleaved trials in a LiteRT-only child (median of trial p50s). Example::
+``.tflite`` of the teacher and the pruned model at 1 thread, batch 1, 7 interleaved trials in LiteRT-only children
+(p50: median of the trial p50s; speed-up: median and range of the per-trial ratios). Example::
 
     nice python tools/bench_recipe_prune.py --teacher runs/cifar13/01-baseline/model.keras \\
         --data ../shared/data/cifar10 --optimizer sgd --epochs 3
@@ -31,9 +32,20 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--optimizer", default="sgd")
     ap.add_argument("--runs", nargs="*", default=["channel", "block", "both", "magnitude"])
+    ap.add_argument("--channel-multiple", type=int, default=None, help="structured runs: kept channel counts are "
+                    "multiples of this (default: the option's)")
+    ap.add_argument("--block-share", type=float, default=None, help="run both: the share of the MACs taken by "
+                    "whole blocks (default: the option's)")
     ap.add_argument("-o", "--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--save", default=None, help="write each pruned model here as RUN.keras (to time it again)")
+    ap.add_argument("--retime", nargs="*", default=None, metavar="MODEL",
+                    help="train nothing: time the teacher and these pruned models together (fp32 and int8, "
+                         "interleaved trials; run it on a quiet machine) and print their speed-ups")
+    ap.add_argument("--trials", type=int, default=9, help="--retime: interleaved trials")
     args = ap.parse_args()
     splits = open_splits(args)
+    if args.retime is not None:
+        return retime(args, splits)
     train_opts = kc.TrainOptions(optimizer=args.optimizer)
     base = kc.evaluate(args.teacher, splits.test).accuracy
     rows = []
@@ -43,32 +55,70 @@ def main() -> None:
             r = kc.prune(args.teacher, splits.train, splits.val, test=splits.test, method="magnitude", sparsity=0.8,
                          epochs=args.epochs, train_options=train_opts, log=print, max_drop=100)
         else:
+            extra = {k: v for k, v in (("channel_multiple", args.channel_multiple), ("block_share", args.block_share))
+                     if v is not None}
             r = kc.prune(args.teacher, splits.train, splits.val, test=splits.test, target_flops=0.5, granularity=run,
-                         epochs=args.epochs, train_options=train_opts, log=print, max_drop=100)
+                         epochs=args.epochs, train_options=train_opts, log=print, max_drop=100, **extra)
+        if args.save:
+            os.makedirs(args.save, exist_ok=True)
+            r.save(os.path.join(args.save, f"{run}.keras"), overwrite=True)
         b, a = r.before, r.after
-        row = {"run": run, "test_before": r.test["before_accuracy"], "test_after": r.test["after_accuracy"],
+        row = {"run": run, "channel_multiple": r.options.channel_multiple, "block_share": r.options.block_share, "test_before": r.test["before_accuracy"], "test_after": r.test["after_accuracy"],
                "loss_points": 100 * (r.test["before_accuracy"] - r.test["after_accuracy"]),
                "val_after": r.accuracy_after, "params": (b["params"], a["params"]), "macs": (b["macs"], a["macs"]),
                "gzip": (b["fp32_tflite"]["gzip"], a["fp32_tflite"]["gzip"]), "seconds": round(time.time() - t0)}
         if run != "magnitude":
             row.update(fp32_ms=(b["fp32_p50_ms"], a["fp32_p50_ms"]), int8_ms=(b["int8_p50_ms"], a["int8_p50_ms"]),
-                       fp32_speedup=b["fp32_p50_ms"] / a["fp32_p50_ms"], int8_speedup=b["int8_p50_ms"] / a["int8_p50_ms"],
+                       fp32_speedup=r.speedups()["fp32"].median, int8_speedup=r.speedups()["int8"].median,
+                       speedup_ranges={k: (v.low, v.high) for k, v in r.speedups().items()},
                        removed_blocks=[x["block"] for x in r.details.get("removed_blocks", [])])
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"\nteacher {args.teacher}: TEST {100 * base:.2f}%; recipe {args.optimizer}, {args.epochs} fine-tune epochs\n")
-    print("| run | test after (teacher) | loss (points) | params | MACs | fp32 p50 ms (speed-up) | int8 p50 ms (speed-up) "
+    print("| run | VAL after (chooses) | test after (teacher) | loss (points) | params | MACs "
+          "| fp32 p50 ms (speed-up: median, range of the interleaved trials' ratios) | int8 p50 ms (speed-up) "
           "| gzip size |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        fp = f"{r['fp32_ms'][0]:.3f} -> {r['fp32_ms'][1]:.3f} ({r['fp32_speedup']:.2f}x)" if "fp32_ms" in r else "-"
-        q = f"{r['int8_ms'][0]:.3f} -> {r['int8_ms'][1]:.3f} ({r['int8_speedup']:.2f}x)" if "int8_ms" in r else "-"
-        print(f"| {r['run']} | {100 * r['test_after']:.2f}% ({100 * r['test_before']:.2f}%) | {r['loss_points']:.2f} | "
+        fp = f"{r['fp32_ms'][0]:.3f} -> {r['fp32_ms'][1]:.3f} ({r['fp32_speedup']:.2f}x, {r['speedup_ranges']['fp32'][0]:.2f}-{r['speedup_ranges']['fp32'][1]:.2f}x)" if "fp32_ms" in r else "-"
+        q = f"{r['int8_ms'][0]:.3f} -> {r['int8_ms'][1]:.3f} ({r['int8_speedup']:.2f}x, {r['speedup_ranges']['int8'][0]:.2f}-{r['speedup_ranges']['int8'][1]:.2f}x)" if "int8_ms" in r else "-"
+        label = r["run"] + ("" if r["run"] == "magnitude" else f" (multiple {r['channel_multiple']}"
+                            + (f", block share {r['block_share']:g})" if r["run"] == "both" else ")"))
+        print(f"| {label} | {100 * r['val_after']:.2f}% | {100 * r['test_after']:.2f}% ({100 * r['test_before']:.2f}%) | {r['loss_points']:.2f} | "
               f"{r['params'][0]:,} -> {r['params'][1]:,} | {r['macs'][0]:,} -> {r['macs'][1]:,} | {fp} | {q} | "
               f"{r['gzip'][1] / r['gzip'][0]:.2f}x |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def retime(args, splits) -> None:
+    """Times the teacher and ``args.retime`` in one run (each fp32 and int8 ``.tflite``, all trials interleaved)."""
+    from kcompress.bench.host import bench_tflite_many
+    from kcompress.bench.schema import speedup
+    from kcompress.io import load_model
+    from kcompress.modelinfo import count_macs, count_params, input_shape
+    from kcompress.options import QuantizeOptions
+    from kcompress.quantization.ptq import convert
+
+    paths = [args.teacher, *args.retime]
+    files = []
+    for path in paths:
+        model = load_model(path)
+        shape = input_shape(model)
+        files += [convert(model), convert(model, QuantizeOptions(mode="int8", io="float"),
+                                          calibration=lambda: splits.train.calibration_samples(shape, 100, seed=0))]
+        print(f"{path}: {count_params(model)['total']:,} params, {count_macs(model):,} MACs", flush=True)
+    res = bench_tflite_many(files, threads=1, runs=50, warmup=10, trials=args.trials)
+    print(f"\n| model | fp32 p50 ms | fp32 speed-up (median, range of {args.trials} interleaved trials) | int8 p50 ms | "
+          "int8 speed-up |\n|---|---|---|---|---|")
+    for i, path in enumerate(paths):
+        cells = []
+        for k in (0, 1):
+            r, base = res[2 * i + k], res[k]
+            s = speedup(base.trial_p50s, r.trial_p50s)
+            cells += [f"{r.p50_interval.median:.3f}", f"{s.median:.2f}x ({s.low:.2f}-{s.high:.2f}x)"]
+        print(f"| {path} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

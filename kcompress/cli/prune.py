@@ -36,7 +36,7 @@ from kcompress.options import PruneOptions
 __all__ = ["prune"]
 
 MAGNITUDE_ONLY = {"sparsity", "schedule", "initial_sparsity", "block", "skip"}
-STRUCTURED_ONLY = {"target_flops", "ratio", "criterion", "rounds", "channel_multiple", "granularity",
+STRUCTURED_ONLY = {"target_flops", "ratio", "criterion", "rounds", "channel_multiple", "granularity", "block_share",
                    "target_latency_ms", "resume", "teacher"}
 
 
@@ -67,6 +67,7 @@ def _default_out(model_path: str, method: str) -> str:
 @option(PruneOptions, "rounds")
 @option(PruneOptions, "channel_multiple")
 @option(PruneOptions, "granularity")
+@option(PruneOptions, "block_share")
 @option(PruneOptions, "target_latency_ms")
 @option(PruneOptions, "teacher")
 @option(PruneOptions, "epochs")
@@ -122,12 +123,14 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
         flags = ", ".join(flag_name(n) for n in sorted(wrong))
         raise UsageError(f"{flags} do not apply to --method {method}")
     granularity, target_latency_ms, teacher = kw.pop("granularity"), kw.pop("target_latency_ms"), kw.pop("teacher")
+    block_share = kw.pop("block_share")
     if {"target_flops", "target_latency_ms"} <= given:
         raise UsageError("--target-flops and --target-latency-ms are two targets: give one")
     opts = build(PruneOptions, method=method, sparsity=sparsity, schedule=schedule, initial_sparsity=initial_sparsity,
                  block=block, skip=tuple(skip), target_flops=target_flops, ratio=ratio, criterion=criterion,
                  rounds=rounds, channel_multiple=channel_multiple, epochs=epochs, lr=lr, batch_size=batch_size,
-                 max_drop=max_drop, granularity=granularity, target_latency_ms=target_latency_ms, teacher=teacher)
+                 max_drop=max_drop, granularity=granularity, block_share=block_share, target_latency_ms=target_latency_ms,
+                 teacher=teacher)
     out = out or _default_out(model_path, str(opts.method))
     resume = kw.pop("resume")
     check_output_path(out, overwrite or resume)
@@ -179,9 +182,14 @@ def _print(r) -> None:
         for name, why in d["frozen"].items():
             con.print(f"  {name}: kept whole ({why})")
         _print_blocks(con, d)
+        fast = r.speedups()  # from interleaved trials
+
+        def timed(kind: str) -> str:
+            return ms(a[f"{kind}_p50_ms"]) + (f" ({fast[kind].text()} faster)" if kind in fast else "")
+
         rows += [["int8 .tflite", mb(b["int8_tflite_bytes"]), mb(a["int8_tflite_bytes"])],
-                 ["fp32 latency p50, 1 thread", ms(b["fp32_p50_ms"]), ms(a["fp32_p50_ms"])],
-                 ["int8 latency p50, 1 thread", ms(b["int8_p50_ms"]), ms(a["int8_p50_ms"])]]
+                 ["fp32 latency p50, 1 thread", ms(b["fp32_p50_ms"]), timed("fp32")],
+                 ["int8 latency p50, 1 thread", ms(b["int8_p50_ms"]), timed("int8")]]
         blocks = f", {len(d['removed_blocks'])} block(s)" if d.get("removed_blocks") else ""
         title = f"structured pruning: {len(d['groups'])} channel group(s){blocks} over {len(d['rounds'])} round(s)"
     else:

@@ -61,6 +61,15 @@ class PruneResult:
         return (f"int8 measured {1 / s.median:.2f}x SLOWER than fp32 here ({s.trials} trials, 1 thread); measure on "
                 "the target device before choosing int8 (kcompress device bench)")
 
+    def speedups(self) -> dict:
+        """``{"fp32": SpeedUp, "int8": SpeedUp}`` of the pruned model over the input (structured, measured), from
+        their interleaved trials: the median and range of trial i's ratio; empty when not measured."""
+        from kcompress.bench.schema import speedup
+
+        b, a = self.before, self.after
+        return {k: speedup(b[f"{k}_p50_trials_ms"], a[f"{k}_p50_trials_ms"]) for k in ("fp32", "int8")
+                if b.get(f"{k}_p50_trials_ms") and a.get(f"{k}_p50_trials_ms")}
+
     @property
     def target_met(self) -> bool:
         """The method reached its target (sparsity, or FLOPs) within 5 points; see ``details["target_met"]``."""
@@ -75,7 +84,7 @@ class PruneResult:
                 "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
                 "drop_points": self.drop_points, "details": self.details, "before": self.before,
                 "after": self.after, "warnings": list(self.warnings), "test": self.test, "hint": self.hint,
-                "target_met": self.target_met}
+                "target_met": self.target_met, "speedups": {k: v.to_dict() for k, v in self.speedups().items()}}
 
     def save(self, path: str, overwrite: bool = False) -> str:
         """Writes the pruned model (Keras 3 ``.keras`` when the input was Keras 3, else by extension)."""
@@ -85,25 +94,39 @@ class PruneResult:
         return path
 
 
-def _measure(model, train, structured: bool, seed: int) -> dict:
+LATENCY_TRIALS = 7  # interleaved trials of the four .tflite files (fp32/int8, before/after)
+
+
+def _measure(models: tuple, train, structured: bool, seed: int) -> list[dict]:
+    """Sizes of each model (the input and the pruned one) and, for structured pruning, int8 size and fp32/int8
+    latency. The four files are timed in one run with their trials interleaved, so before/after speed-ups compare
+    trials timed side by side (the host's load drifts between runs: timed apart, the same file's int8 p50 moved
+    from 0.24 to 0.38 ms on a 2-core machine)."""
     from kcompress.bench.host import bench_tflite_many
     from kcompress.modelinfo import count_macs, count_params, input_shape
     from kcompress.options import QuantizeOptions
     from kcompress.pruning.magnitude import sizes
     from kcompress.quantization.ptq import convert
 
-    fp32 = convert(model)
-    out = {"params": count_params(model)["total"], "macs": count_macs(model, input_shape=train.sample_shape),
-           "fp32_tflite": sizes(fp32)}
-    if structured:
-        shape = input_shape(model)
-        int8 = convert(model, QuantizeOptions(mode="int8", io="float"),
-                       calibration=lambda: train.calibration_samples(shape, 100, seed=seed))
-        out["int8_tflite_bytes"] = len(int8)
-        f, q = bench_tflite_many([fp32, int8], threads=1, runs=30, warmup=5, trials=5)  # interleaved trials
-        out["fp32_p50_ms"], out["int8_p50_ms"] = f.p50_interval.median, q.p50_interval.median
-        out["fp32_p50_trials_ms"], out["int8_p50_trials_ms"] = list(f.trial_p50s), list(q.trial_p50s)
-    return out
+    outs, files = [], []
+    for model in models:
+        fp32 = convert(model)
+        out = {"params": count_params(model)["total"], "macs": count_macs(model, input_shape=train.sample_shape),
+               "fp32_tflite": sizes(fp32)}
+        if structured:
+            shape = input_shape(model)
+            int8 = convert(model, QuantizeOptions(mode="int8", io="float"),
+                           calibration=lambda: train.calibration_samples(shape, 100, seed=seed))
+            out["int8_tflite_bytes"] = len(int8)
+            files += [fp32, int8]
+        outs.append(out)
+    if files:
+        timed = bench_tflite_many(files, threads=1, runs=30, warmup=5, trials=LATENCY_TRIALS)
+        for i, out in enumerate(outs):
+            f, q = timed[2 * i], timed[2 * i + 1]
+            out["fp32_p50_ms"], out["int8_p50_ms"] = f.p50_interval.median, q.p50_interval.median
+            out["fp32_p50_trials_ms"], out["int8_p50_trials_ms"] = list(f.trial_p50s), list(q.trial_p50s)
+    return outs
 
 
 def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_limit: Optional[int] = None,
@@ -183,8 +206,7 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
                                     f"{r.target:.0%}")
             notes.append(f"sparsity {r.overall_sparsity:.1%} of the pruned kernels missed the target "
                          f"{r.target:.0%} by more than 5 points")
-    before = _measure(m.model, tr, structured, seed) if measure else {}
-    after = _measure(r.model, tr, structured, seed) if measure else {}
+    before, after = _measure((m.model, r.model), tr, structured, seed) if measure else ({}, {})
     from kcompress.evaluation import test_figures
 
     figures = test_figures({"before": m.model, "after": r.model}, te)

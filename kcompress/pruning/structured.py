@@ -165,17 +165,23 @@ def prune_once(model, options, target_macs: Optional[int] = None, ratio: Optiona
             else:
                 lo = mid + 1
         current = drop(lo)
-        if m == 1:  # fill the overshoot: give back the most important removed channels that still fit the target
-            removed = [(r, c) for _, r, c in reversed(order[:lo]) if not graph.keep[r][c]]
-            for r, c in removed[:500]:
-                if current >= target_macs * 0.995:
-                    break
-                graph.keep[r][c] = True
-                trial = graph.estimate_macs()
-                if trial <= target_macs:
-                    current = trial
-                else:
-                    graph.keep[r][c] = False
+        # fill the overshoot: give back the most important removed channels that still fit the target, m at a time
+        # per group (the most important m removed from it, fewer where that reaches the group's size)
+        full: set = set()  # groups whose next give-back would pass the target
+        removed = [(r, c) for _, r, c in reversed(order[:lo]) if not graph.keep[r][c]]
+        for r, c in removed[:500]:
+            if current >= target_macs * 0.995:
+                break
+            if r in full or graph.keep[r][c]:
+                continue
+            back = [j for j in np.argsort(-imp[r], kind="stable") if not graph.keep[r][j]][:m]
+            graph.keep[r][back] = True
+            trial = graph.estimate_macs()
+            if trial <= target_macs:
+                current = trial
+            else:
+                graph.keep[r][back] = False
+                full.add(r)
     return graph.rebuild(), graph
 
 
