@@ -34,8 +34,8 @@ time than their share suggests, while removing a block deletes its ops outright.
 latency, ``block`` at 58% fewer kept 41%; to reach 0.6x the latency ``channel`` removed 70% of the MACs, ``both``
 63% and ``block`` 46%. Use ``block`` or ``both`` when latency is the goal. ``block_share`` 0.75 (the default) was
 chosen on VAL over 0.5 (:class:`~kcompress.options.PruneOptions`); with it ``both`` at 50% of the FLOPs and 6
-fine-tuning epochs made the fp32 and int8 ``.tflite`` 2.1x and 1.9x faster than the teacher's, channels alone 1.3x and
-1.2x (2-core Intel Xeon, 1 thread; CHANGELOG).
+fine-tuning epochs made the fp32 and int8 ``.tflite`` 1.95-2.1x and 1.8-1.9x faster than the teacher's, channels alone
+1.3x and 1.15-1.2x (2-core Intel Xeon, 1 thread; CHANGELOG).
 """
 
 from __future__ import annotations
