@@ -15,7 +15,7 @@ from kcompress.io import load_model, save_model
 from kcompress.modelinfo import count_macs
 from kcompress.options import PruneOptions, parse_block
 from kcompress.pruning.magnitude import prune_magnitude, resolve_skip
-from kcompress.pruning.structured import ChannelGraph, prune_once, prune_structured
+from kcompress.pruning.structured import MIN_KEEP, ChannelGraph, prune_once, prune_structured
 from kcompress.quantization.ptq import convert
 from kcompress.train import fit
 from kcompress.zoo import digits_cnn, mobilenetv2, resnet_cifar
@@ -181,7 +181,7 @@ def test_channel_multiple_keeps_whole_multiples_and_still_meets_the_flops_target
     assert 0.4 <= drop <= 0.45, drop  # at or past the target, by less than the 5-point slack
     assert res.groups
     for g in res.groups:
-        assert g["kept"] % multiple == 0 or g["kept"] == max(1, int(np.ceil(0.1 * g["channels"]))), g
+        assert g["kept"] % multiple == 0 or g["kept"] == max(1, int(np.ceil(MIN_KEEP * g["channels"]))), g
 
 
 def test_residual_adds_share_one_mask():

@@ -63,14 +63,14 @@ def main() -> None:
             os.makedirs(args.save, exist_ok=True)
             r.save(os.path.join(args.save, f"{run}.keras"), overwrite=True)
         b, a = r.before, r.after
-        row = {"run": run, "channel_multiple": r.options.channel_multiple, "block_share": r.options.block_share, "test_before": r.test["before_accuracy"], "test_after": r.test["after_accuracy"],
+        row = {"run": run, "channel_multiple": r.options.channel_multiple, "block_share": r.options.block_share,
+               "test_before": r.test["before_accuracy"], "test_after": r.test["after_accuracy"],
                "loss_points": 100 * (r.test["before_accuracy"] - r.test["after_accuracy"]),
                "val_after": r.accuracy_after, "params": (b["params"], a["params"]), "macs": (b["macs"], a["macs"]),
                "gzip": (b["fp32_tflite"]["gzip"], a["fp32_tflite"]["gzip"]), "seconds": round(time.time() - t0)}
         if run != "magnitude":
             row.update(fp32_ms=(b["fp32_p50_ms"], a["fp32_p50_ms"]), int8_ms=(b["int8_p50_ms"], a["int8_p50_ms"]),
-                       fp32_speedup=r.speedups()["fp32"].median, int8_speedup=r.speedups()["int8"].median,
-                       speedup_ranges={k: (v.low, v.high) for k, v in r.speedups().items()},
+                       speedups={k: (v.median, v.low, v.high) for k, v in r.speedups().items()},
                        removed_blocks=[x["block"] for x in r.details.get("removed_blocks", [])])
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -80,11 +80,12 @@ def main() -> None:
           "| gzip size |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        fp = f"{r['fp32_ms'][0]:.3f} -> {r['fp32_ms'][1]:.3f} ({r['fp32_speedup']:.2f}x, {r['speedup_ranges']['fp32'][0]:.2f}-{r['speedup_ranges']['fp32'][1]:.2f}x)" if "fp32_ms" in r else "-"
-        q = f"{r['int8_ms'][0]:.3f} -> {r['int8_ms'][1]:.3f} ({r['int8_speedup']:.2f}x, {r['speedup_ranges']['int8'][0]:.2f}-{r['speedup_ranges']['int8'][1]:.2f}x)" if "int8_ms" in r else "-"
+        fp, q = (f"{r[f'{k}_ms'][0]:.3f} -> {r[f'{k}_ms'][1]:.3f} ({_ratio(r['speedups'][k])})"
+                 if f"{k}_ms" in r else "-" for k in ("fp32", "int8"))
         label = r["run"] + ("" if r["run"] == "magnitude" else f" (multiple {r['channel_multiple']}"
                             + (f", block share {r['block_share']:g})" if r["run"] == "both" else ")"))
-        print(f"| {label} | {100 * r['val_after']:.2f}% | {100 * r['test_after']:.2f}% ({100 * r['test_before']:.2f}%) | {r['loss_points']:.2f} | "
+        print(f"| {label} | {100 * r['val_after']:.2f}% | {100 * r['test_after']:.2f}% ({100 * r['test_before']:.2f}%) | "
+              f"{r['loss_points']:.2f} | "
               f"{r['params'][0]:,} -> {r['params'][1]:,} | {r['macs'][0]:,} -> {r['macs'][1]:,} | {fp} | {q} | "
               f"{r['gzip'][1] / r['gzip'][0]:.2f}x |")
     if args.out:
@@ -92,33 +93,27 @@ def main() -> None:
             json.dump(rows, f, indent=1)
 
 
+def _ratio(s) -> str:
+    """``(median, low, high)`` of a speed-up as ``"1.86x, 1.77-3.06x"``."""
+    return f"{s[0]:.2f}x, {s[1]:.2f}-{s[2]:.2f}x"
+
+
 def retime(args, splits) -> None:
     """Times the teacher and ``args.retime`` in one run (each fp32 and int8 ``.tflite``, all trials interleaved)."""
-    from kcompress.bench.host import bench_tflite_many
     from kcompress.bench.schema import speedup
     from kcompress.io import load_model
-    from kcompress.modelinfo import count_macs, count_params, input_shape
-    from kcompress.options import QuantizeOptions
-    from kcompress.quantization.ptq import convert
+    from kcompress.pruning.api import measure_models
 
     paths = [args.teacher, *args.retime]
-    files = []
-    for path in paths:
-        model = load_model(path)
-        shape = input_shape(model)
-        files += [convert(model), convert(model, QuantizeOptions(mode="int8", io="float"),
-                                          calibration=lambda: splits.train.calibration_samples(shape, 100, seed=0))]
-        print(f"{path}: {count_params(model)['total']:,} params, {count_macs(model):,} MACs", flush=True)
-    res = bench_tflite_many(files, threads=1, runs=50, warmup=10, trials=args.trials)
-    print(f"\n| model | fp32 p50 ms | fp32 speed-up (median, range of {args.trials} interleaved trials) | int8 p50 ms | "
-          "int8 speed-up |\n|---|---|---|---|---|")
-    for i, path in enumerate(paths):
+    figs = measure_models([load_model(p) for p in paths], splits.train, trials=args.trials, runs=50, warmup=10)
+    print(f"\n| model | params | MACs | fp32 p50 ms | fp32 speed-up (median, range of {args.trials} interleaved "
+          "trials) | int8 p50 ms | int8 speed-up |\n|---|---|---|---|---|---|---|")
+    for path, f in zip(paths, figs):
         cells = []
-        for k in (0, 1):
-            r, base = res[2 * i + k], res[k]
-            s = speedup(base.trial_p50s, r.trial_p50s)
-            cells += [f"{r.p50_interval.median:.3f}", f"{s.median:.2f}x ({s.low:.2f}-{s.high:.2f}x)"]
-        print(f"| {path} | " + " | ".join(cells) + " |")
+        for kind in ("fp32", "int8"):
+            s = speedup(figs[0][f"{kind}_p50_trials_ms"], f[f"{kind}_p50_trials_ms"])
+            cells += [f"{f[f'{kind}_p50_ms']:.3f}", _ratio((s.median, s.low, s.high))]
+        print(f"| {path} | {f['params']:,} | {f['macs']:,} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

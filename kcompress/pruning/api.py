@@ -11,7 +11,7 @@ from kcompress.inputs import as_model, as_splits, preprocess_of, resolve_options
 from kcompress.options import PruneOptions, TrainOptions
 from kcompress.types import PruneMethod
 
-__all__ = ["PruneResult", "prune"]
+__all__ = ["PruneResult", "prune", "measure_models"]
 
 
 def _quiet(_msg: str) -> None:
@@ -97,11 +97,13 @@ class PruneResult:
 LATENCY_TRIALS = 7  # interleaved trials of the four .tflite files (fp32/int8, before/after)
 
 
-def _measure(models: tuple, train, structured: bool, seed: int) -> list[dict]:
-    """Sizes of each model (the input and the pruned one) and, for structured pruning, int8 size and fp32/int8
-    latency. The four files are timed in one run with their trials interleaved, so before/after speed-ups compare
-    trials timed side by side (the host's load drifts between runs: timed apart, the same file's int8 p50 moved
-    from 0.24 to 0.38 ms on a 2-core machine)."""
+def measure_models(models, train, structured: bool = True, seed: int = 0, trials: int = LATENCY_TRIALS,
+                   runs: int = 30, warmup: int = 5) -> list[dict]:
+    """Sizes of each model (``prune`` passes the input and the pruned one) and, with ``structured``, int8 size
+    (calibrated on 100 stratified ``train`` samples) and fp32/int8 latency, 1 thread, batch 1. All the files are
+    timed in one run with their trials interleaved, so speed-ups between the models compare trials timed side by
+    side (the host's load drifts between runs: timed apart, the same file's int8 p50 moved from 0.24 to 0.38 ms on
+    a 2-core machine)."""
     from kcompress.bench.host import bench_tflite_many
     from kcompress.modelinfo import count_macs, count_params, input_shape
     from kcompress.options import QuantizeOptions
@@ -121,7 +123,7 @@ def _measure(models: tuple, train, structured: bool, seed: int) -> list[dict]:
             files += [fp32, int8]
         outs.append(out)
     if files:
-        timed = bench_tflite_many(files, threads=1, runs=30, warmup=5, trials=LATENCY_TRIALS)
+        timed = bench_tflite_many(files, threads=1, runs=runs, warmup=warmup, trials=trials)
         for i, out in enumerate(outs):
             f, q = timed[2 * i], timed[2 * i + 1]
             out["fp32_p50_ms"], out["int8_p50_ms"] = f.p50_interval.median, q.p50_interval.median
@@ -206,7 +208,7 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
                                     f"{r.target:.0%}")
             notes.append(f"sparsity {r.overall_sparsity:.1%} of the pruned kernels missed the target "
                          f"{r.target:.0%} by more than 5 points")
-    before, after = _measure((m.model, r.model), tr, structured, seed) if measure else ({}, {})
+    before, after = measure_models((m.model, r.model), tr, structured, seed) if measure else ({}, {})
     from kcompress.evaluation import test_figures
 
     figures = test_figures({"before": m.model, "after": r.model}, te)
