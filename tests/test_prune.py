@@ -13,7 +13,7 @@ from kcompress.data import Preprocess, open_data
 from kcompress.errors import UsageError
 from kcompress.io import load_model, save_model
 from kcompress.modelinfo import count_macs
-from kcompress.options import PruneOptions, parse_block
+from kcompress.options import OptionError, PruneOptions, parse_block
 from kcompress.pruning.magnitude import prune_magnitude, resolve_skip
 from kcompress.pruning.structured import MIN_KEEP, ChannelGraph, prune_once, prune_structured
 from kcompress.quantization.ptq import convert
@@ -182,6 +182,32 @@ def test_channel_multiple_keeps_whole_multiples_and_still_meets_the_flops_target
     assert res.groups
     for g in res.groups:
         assert g["kept"] % multiple == 0 or g["kept"] == max(1, int(np.ceil(MIN_KEEP * g["channels"]))), g
+
+
+def test_tile_rule_finds_the_first_width_where_one_more_channel_costs_a_step():
+    """The probe's rule on cost curves with a known tile: time proportional to the channels rounded up to 16 or 8
+    (plus a fixed cost and a small per-channel slope, as measured), and one with no step."""
+    from kcompress.pruning.tiles import CANDIDATES, tile_from_timings
+
+    widths = [v for w in CANDIDATES for v in (w, w + 1)]
+    for tile in (8, 16):
+        assert tile_from_timings({w: 20 + 3 * -(-w // tile) * tile + 0.2 * w for w in widths}) == tile
+    assert tile_from_timings({w: 20 + 3 * w for w in widths}) == 1  # linear: 33/32 is under the jump
+
+
+def test_channel_multiple_auto_uses_the_tile_measured_on_this_host():
+    from kcompress.pruning.tiles import channel_tile, tile_from_timings
+
+    probe = channel_tile()
+    assert probe.tile == max(tile_from_timings(probe.timings["fp32"]), tile_from_timings(probe.timings["int8"]))
+    model = resnet_cifar(width=16, blocks_per_stage=1)  # groups of 16, 32 and 64 channels
+    res = prune_structured(model, None, None, PruneOptions(target_flops=0.3, epochs=0, channel_multiple="auto"))
+    assert res.channel_multiple == probe.tile
+    for g in res.groups:
+        assert g["kept"] % probe.tile == 0 or g["kept"] == max(1, int(np.ceil(MIN_KEEP * g["channels"]))), g
+    assert PruneOptions(channel_multiple="auto").channel_multiple == 0 and PruneOptions(channel_multiple="8").channel_multiple == 8
+    with pytest.raises(OptionError, match="channel_multiple: expected a whole number"):
+        PruneOptions(channel_multiple="wide")
 
 
 def test_residual_adds_share_one_mask():

@@ -65,7 +65,7 @@ def _default_out(model_path: str, method: str) -> str:
 @option(PruneOptions, "ratio")
 @option(PruneOptions, "criterion")
 @option(PruneOptions, "rounds")
-@option(PruneOptions, "channel_multiple")
+@option(PruneOptions, "channel_multiple", type=str)  # a number or auto
 @option(PruneOptions, "granularity")
 @option(PruneOptions, "block_share")
 @option(PruneOptions, "target_latency_ms")

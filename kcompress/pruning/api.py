@@ -191,7 +191,8 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
                              checkpoint_dir=checkpoint_dir, resume=resume, fine_tune=fine_tune)
         details = {"groups": r.groups, "frozen": r.frozen, "rounds": r.rounds,
                    "removed_blocks": r.staged.get("removed_blocks", []), "latency": r.staged.get("latency"),
-                   "target_met": r.target_met, "shortfall": r.shortfall, "flattened": r.flattened}
+                   "target_met": r.target_met, "shortfall": r.shortfall, "flattened": r.flattened,
+                   "channel_multiple": r.channel_multiple}
         notes: list[str] = list(r.staged.get("notes", [])) + ([f"target missed: {r.shortfall}"] if r.shortfall else [])
     else:
         from kcompress.pruning.magnitude import prune_magnitude

@@ -30,7 +30,7 @@ from kcompress.data import DataSource
 from kcompress.errors import UsageError
 from kcompress.graph import flatten_model
 from kcompress.modelinfo import count_macs, count_params
-from kcompress.options import PruneOptions, TrainOptions
+from kcompress.options import CHANNEL_MULTIPLE_AUTO, PruneOptions, TrainOptions
 from kcompress.pruning.channels import ChannelGraph, as_functional
 
 __all__ = ["StructuredResult", "StructuredPlan", "ChannelGraph", "prune_structured", "prune_once"]
@@ -61,6 +61,7 @@ class StructuredPlan:
 
     @classmethod
     def of(cls, o: PruneOptions, seed: int = 0, optimizer=None) -> "StructuredPlan":
+        o = resolve_channel_multiple(o)
         return cls(None if o.ratio is not None else o.target_flops, o.ratio, o.criterion, o.num_rounds(), o.epochs,
                    o.batch_size, o.rate(optimizer), seed, o.channel_multiple)
 
@@ -198,6 +199,7 @@ class StructuredResult:
     accuracy_after: Optional[float]
     rounds: list[dict] = field(default_factory=list)
     staged: dict = field(default_factory=dict)  # removed_blocks, notes, latency (kcompress.pruning.blocks)
+    channel_multiple: int = 1  # the one used (auto resolved to the host's measured tile)
     target_met: bool = True  # the FLOPs (or latency) target reached within TARGET_SLACK; True with ratio
     shortfall: str = ""  # when not met: how much was reached and the biggest frozen groups with their reasons
     flattened: dict = field(default_factory=dict)  # nested model path -> its layer count (empty: nothing nested)
@@ -205,6 +207,18 @@ class StructuredResult:
     @property
     def flops_reduction(self) -> float:
         return 1.0 - self.macs_after / self.macs_before if self.macs_before else 0.0
+
+
+def resolve_channel_multiple(options: PruneOptions, log: Optional[Callable[[str], None]] = None) -> PruneOptions:
+    """``options`` with ``channel_multiple`` auto replaced by the tile measured on this host (logged); else as given."""
+    if options.channel_multiple != CHANNEL_MULTIPLE_AUTO:
+        return options
+    from kcompress.pruning.tiles import channel_tile
+
+    probe = channel_tile()
+    if log is not None:
+        log(f"channel_multiple auto: {probe.describe()}")
+    return options.replace(channel_multiple=probe.tile)
 
 
 def prune_structured(model, train: Optional[DataSource] = None, val: Optional[DataSource] = None,
@@ -227,7 +241,8 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
     from kcompress.evaluation import evaluate
     from kcompress.pruning.blocks import Staged
 
-    given = options or PruneOptions()
+    asked = options or PruneOptions()
+    given = resolve_channel_multiple(asked, log)
     staged = Staged.of(given, seed, train, val, log)  # None: channels only, by MACs or ratio
     options = StructuredPlan.of(given, seed, train_options.optimizer if train_options else None)
     model, nesting = flatten_model(as_functional(model), with_nesting=True)
@@ -236,7 +251,7 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
     macs0 = count_macs(model)
     k = options.num_rounds()
     before = evaluate(model, val, description="accuracy before").accuracy if val is not None else None
-    ckpt = _Rounds.open(checkpoint_dir, resume, model, given, seed, train, val, train_options, staged, log)
+    ckpt = _Rounds.open(checkpoint_dir, resume, model, asked, seed, train, val, train_options, staged, log)
     current, rounds, first, pending = model, [], 1, None
     if ckpt is not None and ckpt.state is not None:
         current, rounds, first, pending = ckpt.restore(model)
@@ -280,7 +295,8 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
         if ckpt is not None:
             ckpt.finished(i, current, rounds)
         if log is not None:
-            acc = f", VAL accuracy {100 * info['val_accuracy']:.2f}%" if "val_accuracy" in info else ""
+            acc = (f", VAL accuracy {100 * info['val_accuracy']:.2f}%"
+                   if not math.isnan(info.get("val_accuracy", math.nan)) else "")
             log(f"round {i}/{k}: {info['macs'] / macs0:.0%} of the MACs left{acc}")
     final = ChannelGraph(model)  # report per group by comparing layer widths
     groups = []
@@ -312,6 +328,7 @@ def prune_structured(model, train: Optional[DataSource] = None, val: Optional[Da
         params_before=count_params(model)["total"], params_after=count_params(current)["total"],
         macs_before=macs0, macs_after=macs1, accuracy_before=before, accuracy_after=after,
         rounds=rounds, staged=report, target_met=met, shortfall=short, flattened=dict(nesting.models),
+        channel_multiple=given.channel_multiple,
     )
 
 
