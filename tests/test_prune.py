@@ -195,6 +195,20 @@ def test_tile_rule_finds_the_first_width_where_one_more_channel_costs_a_step():
     assert tile_from_timings({w: 20 + 3 * w for w in widths}) == 1  # linear: 33/32 is under the jump
 
 
+def test_speed_hint_when_the_time_lags_the_macs_names_groups_just_over_the_tile():
+    from kcompress.pruning.tiles import slow_speedup, tile_hint
+
+    assert slow_speedup(100, 50, 1.28) and not slow_speedup(100, 50, 1.6)  # half the MACs: 1.5x is the line
+    assert not slow_speedup(100, 80, 1.0)  # under a quarter of the MACs removed: no hint
+    groups = [{"channels": 32, "kept": 17}, {"channels": 64, "kept": 50}, {"channels": 64, "kept": 48},
+              {"channels": 16, "kept": 12}]
+    h = tile_hint(groups, 16, 2.0, 1.28, "channel")
+    assert "2 of 4 pruned channel groups keep a count just above a multiple of 16" in h  # 17 and 50 (12: inside)
+    assert "--channel-multiple auto" in h and "--granularity both" in h and "1.28x" in h
+    h = tile_hint([{"channels": 32, "kept": 16}], 16, 2.0, 1.3, "both")
+    assert "multiple" not in h and "--granularity both" not in h
+
+
 def test_channel_multiple_auto_uses_the_tile_measured_on_this_host():
     from kcompress.pruning.tiles import channel_tile, tile_from_timings
 

@@ -149,8 +149,8 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
         print_json({**r.to_dict(), "out": final})
     else:
         _print(r)
-        if r.hint:
-            click.echo(f"Hint: {r.hint}")
+        for h in r.hints:
+            click.echo(f"Hint: {h}")
         wrote(final, "as a Keras 3 model, like the input" if r.keras3 else "")
     if not r.target_met:
         click.echo(f"Error: pruning missed its target by more than 5 points ({r.details.get('shortfall') or ''}"

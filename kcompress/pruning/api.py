@@ -61,6 +61,12 @@ class PruneResult:
         return (f"int8 measured {1 / s.median:.2f}x SLOWER than fp32 here ({s.trials} trials, 1 thread); measure on "
                 "the target device before choosing int8 (kcompress device bench)")
 
+    @property
+    def hints(self) -> list[str]:
+        """Every hint: int8 slower than fp32 here (:attr:`hint`), and the speed that lags the MACs removed
+        (``details["speed_hint"]``, with this host's measured SIMD tile: :mod:`kcompress.pruning.tiles`)."""
+        return [h for h in (self.hint, self.details.get("speed_hint")) if h]
+
     def speedups(self) -> dict:
         """``{"fp32": SpeedUp, "int8": SpeedUp}`` of the pruned model over the input (structured, measured), from
         their interleaved trials: the median and range of trial i's ratio; empty when not measured."""
@@ -84,7 +90,8 @@ class PruneResult:
                 "accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
                 "drop_points": self.drop_points, "details": self.details, "before": self.before,
                 "after": self.after, "warnings": list(self.warnings), "test": self.test, "hint": self.hint,
-                "target_met": self.target_met, "speedups": {k: v.to_dict() for k, v in self.speedups().items()}}
+                "target_met": self.target_met, "speedups": {k: v.to_dict() for k, v in self.speedups().items()},
+                "hints": self.hints}
 
     def save(self, path: str, overwrite: bool = False) -> str:
         """Writes the pruned model (Keras 3 ``.keras`` when the input was Keras 3, else by extension)."""
@@ -129,6 +136,18 @@ def measure_models(models, train, structured: bool = True, seed: int = 0, trials
             out["fp32_p50_ms"], out["int8_p50_ms"] = f.p50_interval.median, q.p50_interval.median
             out["fp32_p50_trials_ms"], out["int8_p50_trials_ms"] = list(f.trial_p50s), list(q.trial_p50s)
     return outs
+
+
+def _speed_hint(before: dict, after: dict, details: dict, opts: PruneOptions) -> Optional[str]:
+    """A hint when the measured fp32 speed-up lags the MACs removed (probes the host's tile only then)."""
+    from kcompress.bench.schema import speedup
+    from kcompress.pruning.tiles import channel_tile, slow_speedup, tile_hint
+
+    s = speedup(before["fp32_p50_trials_ms"], after["fp32_p50_trials_ms"]).median
+    if not slow_speedup(before["macs"], after["macs"], s):
+        return None
+    return tile_hint(details.get("groups") or [], channel_tile().tile, before["macs"] / max(after["macs"], 1), s,
+                     str(opts.granularity))
 
 
 def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_limit: Optional[int] = None,
@@ -210,6 +229,8 @@ def prune(model, train, val=None, *, test=None, test_split: float = 0.0, train_l
             notes.append(f"sparsity {r.overall_sparsity:.1%} of the pruned kernels missed the target "
                          f"{r.target:.0%} by more than 5 points")
     before, after = measure_models((m.model, r.model), tr, structured, seed) if measure else ({}, {})
+    if structured and after.get("fp32_p50_trials_ms"):
+        details["speed_hint"] = _speed_hint(before, after, details, opts)
     from kcompress.evaluation import test_figures
 
     figures = test_figures({"before": m.model, "after": r.model}, te)

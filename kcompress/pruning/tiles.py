@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["TileProbe", "channel_tile", "tile_from_timings", "CANDIDATES", "JUMP"]
+__all__ = ["TileProbe", "channel_tile", "tile_from_timings", "slow_speedup", "tile_hint", "CANDIDATES", "JUMP"]
 
 CANDIDATES = (4, 8, 16, 32)  # widths probed: w and w + 1 output channels
+LAG = 0.75  # a measured fp32 speed-up under this share of the MACs ratio is worth a hint (slow_speedup)
 JUMP = 1.2  # t(w + 1) / t(w) at or above this marks a tile boundary (measured 1.5-1.6 at the boundary, <1.05 inside)
 PROBE_HW, PROBE_CIN = 16, 32  # the probe's input: big enough that the kernels' time dominates the per-op overhead
 
@@ -80,3 +81,24 @@ def channel_tile(threads: int = 1, trials: int = 5) -> TileProbe:
           for j, kind in enumerate(("fp32", "int8"))}
     f, q = tile_from_timings(us["fp32"]), tile_from_timings(us["int8"])
     return TileProbe(tile=max(f, q), fp32=f, int8=q, timings=us)
+
+
+def slow_speedup(macs_before: int, macs_after: int, fp32_speedup: float) -> bool:
+    """True when at least a quarter of the MACs went but the fp32 speed-up is under :data:`LAG` of the MACs ratio
+    (half the MACs and less than 1.5x faster): worth measuring the tile (:func:`tile_hint`)."""
+    return macs_after <= 0.75 * macs_before and fp32_speedup < LAG * macs_before / max(macs_after, 1)
+
+
+def tile_hint(groups: list[dict], tile: int, macs_ratio: float, fp32_speedup: float, granularity: str) -> str:
+    """What to try when pruning removed MACs but not the time: how many pruned groups keep a count just above a
+    multiple of ``tile`` (paying for a whole tile they barely use), and the options that buy speed instead."""
+    over = [g for g in groups if tile > 1 and 0 < g["kept"] % tile <= tile // 2]
+    parts = [f"the MACs fell to 1/{macs_ratio:.2f} but the fp32 .tflite ran only {fp32_speedup:.2f}x faster"]
+    if over:
+        parts.append(f"{len(over)} of {len(groups)} pruned channel groups keep a count just above a multiple of "
+                     f"{tile}, this host's SIMD tile (they cost the time of the next multiple): --channel-multiple "
+                     "auto rounds to it (down as often as up: compare the accuracy)")
+    if granularity == "channel":
+        parts.append("small models also spend much of their time per op: --granularity both removes whole blocks "
+                     "(fewer ops)")
+    return "; ".join(parts)
