@@ -121,7 +121,8 @@ def stage_prune(ctx, model, out_dir: str):
                  "params_before": result.params_before, "params_after": result.params_after,
                  "removed_blocks": result.staged.get("removed_blocks", []), "latency": result.staged.get("latency"),
                  "warnings": list(result.staged.get("notes", [])), "target_met": result.target_met,
-                 "shortfall": result.shortfall, "flattened": result.flattened}
+                 "shortfall": result.shortfall, "flattened": result.flattened,
+                 "channel_multiple": result.channel_multiple}
         for note in extra["warnings"]:
             ctx.log(f"note: {note}")
     path = os.path.join(out_dir, "model.keras")
