@@ -7,14 +7,14 @@ Measured on a 2-core Intel Xeon (AVX-512), 1 thread, a 3x3 conv on 16x16x32 foll
 100.0 / 31.9 us, 33 in 152.5 / 46.5 us. Channel pruning that keeps 17 or 33 channels removes MACs and keeps most of
 the time: ResNet-20 at 50% of its MACs ran 1.28x faster (fp32) with free channel counts, 1.72x with multiples of 16
 (``tools/bench_recipe_prune.py``, one run of interleaved trials), but 6 fine-tuning epochs then reached 74.94% VAL
-instead of 78.88%: its groups of 16-64 channels rounded to 16 lose too much, so ``auto`` is not the default. The width differs by CPU and data type (AVX2 and Arm
-NEON kernels are narrower), hence the probe rather than a constant: time small two-conv models whose middle width
-is ``w`` and ``w + 1`` for ``w`` in :data:`CANDIDATES`, fp32 and int8, interleaved trials, and take the smallest
-``w`` where one more channel costs :data:`JUMP` or more (the larger of the fp32 and int8 answers; 1 when no step
-shows). The probe takes a few seconds and is measured once per process.
+instead of 78.88%: its groups of 16-64 channels rounded to 16 lose too much, so ``auto`` is not the default.
+The width differs by CPU and data type, hence the probe rather than a constant: time small two-conv models whose
+middle width is ``w`` and ``w + 1`` for ``w`` in :data:`CANDIDATES`, fp32 and int8, interleaved trials, and take
+the smallest ``w`` where one more channel costs :data:`JUMP` or more (the larger of the fp32 and int8 answers; 1
+when no step shows). The probe takes a few seconds and is measured once per process.
 
-Gotcha: the answer is this host's. A model meant for a phone should be pruned with the phone's tile
-(``channel_multiple`` 8 or 16 for Arm NEON fp32/int8 kernels), or by a latency target measured on the device.
+Gotcha: the answer is this host's. A model meant for a phone should be pruned with the phone's tile (measure it
+there: Arm kernels are not x86's), or by a latency target measured on the device.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ __all__ = ["TileProbe", "channel_tile", "tile_from_timings", "slow_speedup", "ti
 
 CANDIDATES = (4, 8, 16, 32)  # widths probed: w and w + 1 output channels
 LAG = 0.75  # a measured fp32 speed-up under this share of the MACs ratio is worth a hint (slow_speedup)
-JUMP = 1.2  # t(w + 1) / t(w) at or above this marks a tile boundary (measured 1.5-1.6 at the boundary, <1.05 inside)
+# t(w + 1) / t(w) at or above this marks a tile boundary. Measured on the Intel Xeon: fp32 1.6 at 16, 1.65 at 32,
+# 0.92-1.03 at 4 and 8; int8 1.46 at 16, 1.31 at 32, 1.21 at 8 (int8's answer 8, fp32's 16: the tile used is 16)
+JUMP = 1.2
 PROBE_HW, PROBE_CIN = 16, 32  # the probe's input: big enough that the kernels' time dominates the per-op overhead
 
 
