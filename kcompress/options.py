@@ -301,6 +301,10 @@ class PruneOptions(Options):
     target_latency_ms: Optional[float] = opt(None, "structured: instead of target_flops, prune until the fp32 "
                                                   ".tflite's p50 latency on this host (LiteRT, 1 thread, batch 1) is "
                                                   "at most this (ms)")
+    latency_reference: Optional[str] = opt(None, "structured, with target_latency_ms: a benchmark JSON of the input "
+                                                  "model's fp32 .tflite on the target device (kcompress device bench "
+                                                  "--threads 1 -o FILE); the target is then that device's ms, turned "
+                                                  "into this host's by the ratio of the input's two p50s")
     sparsity: float = opt(0.5, "magnitude: final sparsity (0 <= s < 1)")
     schedule: PruneSchedule = opt(PruneSchedule.POLYNOMIAL, "magnitude: polynomial (ramps up) or constant")
     initial_sparsity: float = opt(0.0, "magnitude: sparsity where the polynomial schedule starts")
@@ -337,6 +341,8 @@ class PruneOptions(Options):
         if not 0 < self.block_share <= 1:
             raise OptionError("block_share", f"must be in (0, 1], got {self.block_share}")
         check_positive("target_latency_ms", self.target_latency_ms)
+        if self.latency_reference is not None and self.target_latency_ms is None:
+            raise OptionError("latency_reference", "needs target_latency_ms (the target on that device, in ms)")
         if self.target_latency_ms is not None and self.ratio is not None:
             raise OptionError("target_latency_ms", "give target_latency_ms or ratio, not both")
         if self.ratio is not None and self.granularity != Granularity.CHANNEL:

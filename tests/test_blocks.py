@@ -233,6 +233,36 @@ def test_latency_target_is_timed_reached_or_reported(trained, digits, granularit
     assert 0.5 < lat["before_ms"] / before < 2.0 and again < 1.1 * before
 
 
+def test_a_device_latency_target_is_scaled_by_the_inputs_device_and_host_times(trained, digits, tmp_path):
+    """--latency-reference: the target is the device's ms; the host goal is target x host p50 / device p50 of the
+    input model (from a kcompress.bench/1 JSON as `kcompress device bench` writes it)."""
+    from kcompress.bench.schema import BenchReport, BenchResult, latency_stats
+
+    device_ms = 5.0
+    doc = BenchReport(target={"kind": "android", "manufacturer": "Google", "model": "Pixel 7"}, results=(
+        BenchResult(model="input.tflite", runtime="benchmark_model", threads=4, batch_size=1,
+                    latency_ms=latency_stats([2.0] * 20)),
+        BenchResult(model="input.tflite", runtime="benchmark_model", threads=1, batch_size=1,
+                    latency_ms=latency_stats([device_ms] * 20))))
+    ref = tmp_path / "pixel7.json"
+    ref.write_text(doc.to_json())
+    opts = PruneOptions(granularity="block", target_latency_ms=0.8 * device_ms, latency_reference=str(ref), epochs=0)
+    r = prune_structured(trained, *digits, opts)
+    lat = r.staged["latency"]
+    dev = lat["device"]
+    assert dev["name"] == "Google Pixel 7" and dev["input_p50_ms"] == device_ms  # the 1-thread row, not the 4-thread
+    assert dev["host_p50_ms"] == lat["before_ms"] and dev["scale"] == pytest.approx(device_ms / lat["before_ms"])
+    assert dev["target_ms"] == 0.8 * device_ms and lat["target_ms"] == pytest.approx(0.8 * lat["before_ms"])
+    assert dev["reached_ms"] == pytest.approx(lat["reached_ms"] * dev["scale"])
+    assert lat["reached"] or "not reached" in r.staged["notes"][-1]
+    with pytest.raises(OptionError, match="latency_reference: needs target_latency_ms"):
+        PruneOptions(latency_reference=str(ref))
+    one = BenchReport(target={"kind": "android"}, results=(doc.results[0],))  # only a 4-thread row
+    ref.write_text(one.to_json())
+    with pytest.raises(UsageError, match="no 1-thread, batch-1 latency"):
+        prune_structured(trained, *digits, opts)
+
+
 def test_a_latency_target_already_met_changes_nothing(trained, digits):
     r = prune_structured(trained, *digits, PruneOptions(target_latency_ms=1e4, epochs=0))  # 10 s: surely met
     lat = r.staged["latency"]

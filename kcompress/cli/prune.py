@@ -37,7 +37,7 @@ __all__ = ["prune"]
 
 MAGNITUDE_ONLY = {"sparsity", "schedule", "initial_sparsity", "block", "skip"}
 STRUCTURED_ONLY = {"target_flops", "ratio", "criterion", "rounds", "channel_multiple", "granularity", "block_share",
-                   "target_latency_ms", "resume", "teacher"}
+                   "target_latency_ms", "latency_reference", "resume", "teacher"}
 
 
 def _default_out(model_path: str, method: str) -> str:
@@ -69,6 +69,7 @@ def _default_out(model_path: str, method: str) -> str:
 @option(PruneOptions, "granularity")
 @option(PruneOptions, "block_share")
 @option(PruneOptions, "target_latency_ms")
+@option(PruneOptions, "latency_reference")
 @option(PruneOptions, "teacher")
 @option(PruneOptions, "epochs")
 @option(PruneOptions, "lr")
@@ -108,6 +109,8 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
       kcompress prune model.keras --data train/ --val-data val/ --target-flops 0.5 \\
           --rounds 3 --epochs 6 --scale 1/255
       kcompress prune resnet.keras --data train/ --val-data val/ --granularity both --target-latency-ms 2.5
+      kcompress prune resnet.keras --data train/ --granularity both --target-latency-ms 4 \\
+          --latency-reference pixel7.json   (4 ms on the phone that measured resnet.keras in pixel7.json)
       kcompress prune student.keras --data train/ --val-data val/ --granularity block --teacher teacher.keras
     """
     import kcompress as kc
@@ -123,14 +126,14 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
         flags = ", ".join(flag_name(n) for n in sorted(wrong))
         raise UsageError(f"{flags} do not apply to --method {method}")
     granularity, target_latency_ms, teacher = kw.pop("granularity"), kw.pop("target_latency_ms"), kw.pop("teacher")
-    block_share = kw.pop("block_share")
+    block_share, latency_reference = kw.pop("block_share"), kw.pop("latency_reference")
     if {"target_flops", "target_latency_ms"} <= given:
         raise UsageError("--target-flops and --target-latency-ms are two targets: give one")
     opts = build(PruneOptions, method=method, sparsity=sparsity, schedule=schedule, initial_sparsity=initial_sparsity,
                  block=block, skip=tuple(skip), target_flops=target_flops, ratio=ratio, criterion=criterion,
                  rounds=rounds, channel_multiple=channel_multiple, epochs=epochs, lr=lr, batch_size=batch_size,
                  max_drop=max_drop, granularity=granularity, block_share=block_share, target_latency_ms=target_latency_ms,
-                 teacher=teacher)
+                 teacher=teacher, latency_reference=latency_reference)
     out = out or _default_out(model_path, str(opts.method))
     resume = kw.pop("resume")
     check_output_path(out, overwrite or resume)
@@ -216,3 +219,7 @@ def _print_blocks(con, d: dict) -> None:
         verdict = "reached" if lat["reached"] else "NOT reached"
         con.print(f"  latency target {lat['target_ms']:.3f} ms {verdict}: {lat['before_ms']:.3f} -> "
                   f"{lat['reached_ms']:.3f} ms (fp32 .tflite p50, 1 thread, batch 1, as timed while pruning)")
+        if lat.get("device"):
+            dev = lat["device"]
+            con.print(f"  on {dev['name']}: target {dev['target_ms']:.3f} ms, about {dev['reached_ms']:.3f} ms "
+                      f"(this host's time x {dev['scale']:.2f}, from {dev['reference']}; benchmark it there)")

@@ -230,6 +230,8 @@ class Staged:
         self.granularity = Granularity(options.granularity)
         self.block_share = options.block_share
         self.target_flops, self.target_ms = options.target_flops, options.target_latency_ms
+        self.reference = options.latency_reference
+        self.device: Optional[dict] = None  # with a reference: the device's target and input p50, and the scale
         self.train, self.data, self.seed = train, val if val is not None else train, seed
         self.log = log or (lambda _msg: None)
         self.measure = measure
@@ -258,18 +260,23 @@ class Staged:
             reached = self._now[1]
             out["latency"] = {"target_ms": self.target_ms, "before_ms": self.timings[0]["p50_ms"],
                               "reached_ms": reached, "reached": reached <= self.target_ms, "timings": self.timings}
+            if self.device is not None:
+                out["latency"]["device"] = {**self.device, "reached_ms": reached * self.device["scale"]}
         return out
 
     def state(self) -> dict:
         """What a resumed run needs to carry on (JSON): blocks removed, notes, timings, the current latency."""
         return {"removed": self.removed, "notes": self.notes, "timings": self.timings,
-                "now": list(self._now) if self._now is not None else None}
+                "now": list(self._now) if self._now is not None else None, "device": self.device}
 
     def restore(self, state: dict) -> None:
         """Takes back :meth:`state` (of a run with the same settings, checked by the caller)."""
         self.removed, self.notes, self.timings = list(state["removed"]), list(state["notes"]), list(state["timings"])
         self._now = tuple(state["now"]) if state.get("now") is not None else None
         self._cache = (None, None)
+        if state.get("device"):
+            self.device = dict(state["device"])
+            self.target_ms = self.device["target_ms"] / self.device["scale"]
 
     # ------------------------------------------------------------------------------------------------ a round
     def step(self, model, i: int, k: int, macs0: int):
@@ -283,6 +290,26 @@ class Staged:
                                   f"{target:,} ({self.granularity} pruning removed all it could)")
             return new
         return self._latency_step(model, i, k)
+
+    def _scale_to_device(self, host_ms: float) -> None:
+        """Turns the device's target into this host's: target x (input's host p50 / input's device p50). Assumes
+        pruning changes both machines' times in the same ratio (roughly so for the same kernels; the device's
+        reached time is an estimate: benchmark the result there)."""
+        from kcompress.bench.schema import load_report
+
+        rep = load_report(self.reference)
+        rows = [r for r in rep.results if r.threads == 1 and r.batch_size == 1 and r.latency_ms is not None]
+        if not rows:
+            raise UsageError(f"{self.reference}: no 1-thread, batch-1 latency in it (kcompress device bench "
+                             "--threads 1 -o FILE, on the input model's fp32 .tflite)")
+        r = rows[0]
+        dev = float(r.p50_interval.median if r.p50_interval is not None else r.latency_ms.p50)
+        name = " ".join(str(v) for v in (rep.target.get("manufacturer"), rep.target.get("model")) if v) or "device"
+        self.device = {"reference": self.reference, "name": name, "model": r.model, "input_p50_ms": dev,
+                       "host_p50_ms": host_ms, "scale": dev / host_ms, "target_ms": self.target_ms}
+        self.target_ms = self.target_ms * host_ms / dev
+        self.log(f"latency target {self.device['target_ms']:.3f} ms on {name} = {self.target_ms:.3f} ms on this host "
+                 f"(the input model: {dev:.3f} ms there, {host_ms:.3f} ms here, fp32, 1 thread; {self.reference})")
 
     def reduce(self, model, target: int):
         """``(model pruned to at most target MACs as the granularity allows, [(block, importance) removed])``."""
@@ -336,6 +363,8 @@ class Staged:
             self._now = (macs, self._time(model, 0, macs))
         macs, ms = self._now
         before = self.timings[0]["p50_ms"]
+        if self.reference is not None and self.device is None:
+            self._scale_to_device(before)
         goal = self.target_ms if i == k else before * (self.target_ms / before) ** (i / k)
         if ms <= goal:
             return model
