@@ -95,8 +95,9 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
       faster dense model; fp32/int8 TFLite size and latency are measured before and after.
       --granularity block|both also removes whole identity residual blocks (least VAL loss per MAC
       first); --target-latency-ms prunes until the fp32 .tflite's p50 on this host (1 thread) is at
-      most that. Small models spend much of their time in per-op overhead: removing blocks (fewer ops)
-      cuts latency more than removing channels does for the same MACs.
+      most that (with --latency-reference DEVICE.json, the input's time on a device: that device's ms,
+      scaled by the two times). Small models spend much of their time in per-op overhead: removing
+      blocks (fewer ops) cuts latency more than removing channels does for the same MACs.
     magnitude: unstructured sparsity through tfmot on the layers it can prune (the rest stay dense).
       The file only shrinks after compression (gzip size shown); latency does not change.
     A result more than --max-drop points below MODEL on VAL is written, and the command exits 1 saying so.
@@ -110,7 +111,7 @@ def prune(model_path, data_spec, val_spec, method, sparsity, schedule, initial_s
           --rounds 3 --epochs 6 --scale 1/255
       kcompress prune resnet.keras --data train/ --val-data val/ --granularity both --target-latency-ms 2.5
       kcompress prune resnet.keras --data train/ --granularity both --target-latency-ms 4 \\
-          --latency-reference pixel7.json   (4 ms on the phone that measured resnet.keras in pixel7.json)
+          --latency-reference pixel7.json
       kcompress prune student.keras --data train/ --val-data val/ --granularity block --teacher teacher.keras
     """
     import kcompress as kc
