@@ -285,9 +285,9 @@ class PruneOptions(Options):
     rounds: Optional[int] = opt(None, "structured: remove the target in this many steps with fine-tuning between "
                                      "(empty: at most 20% of the FLOPs per step, at least 3 fine-tuning epochs per step; "
                                      "one step for block and both)")
-    # auto measured on a 2-core Intel Xeon (AVX-512): 16; ResNet-20 at 50% of the FLOPs then ran 1.72x faster (fp32, no
-    # fine-tune) instead of 1.28x, but 6 fine-tuning epochs ended at 74.94% VAL instead of 78.88% (groups of 16-64
-    # channels rounded to 16): a default of 1, auto for wide models (kcompress.pruning.tiles)
+    # auto measured on a 2-core Intel Xeon (AVX-512): 16; ResNet-20 at 50% of the FLOPs then ran 1.72x faster (fp32,
+    # after 6 fine-tuning epochs) instead of 1.28x, but ended at 74.94% VAL instead of 78.88% (groups of 16-64 channels
+    # rounded to 16), so the default is 1 (kcompress.pruning.tiles); wider models were not measured
     channel_multiple: int = opt(1, "structured: round kept channel counts up to a multiple of this; auto (or 0): "
                                    "the SIMD tile of this host's LiteRT conv kernels, measured (16 on AVX-512)")
     granularity: Granularity = opt(Granularity.CHANNEL, "structured: what goes: channel, block (whole identity "
