@@ -41,7 +41,7 @@ with _quiet_native_stderr():
 
     tf.config.list_physical_devices()  # device discovery logs its own lines (cuInit) on first use
 
-__all__ = ["tf", "keras", "tfmot", "keras3"]
+__all__ = ["tf", "keras", "tfmot", "keras3", "traced_gradients_released"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,6 +60,27 @@ def tfmot():
 
 def _no_autograph(layer) -> bool:
     return False
+
+
+@contextlib.contextmanager
+def traced_gradients_released():
+    """Work inside keeps none of the custom-gradient registrations it makes (removed at exit).
+
+    Gotcha: ``tf.custom_gradient`` in graph mode registers a gradient function per call in TensorFlow's global
+    registry, closed over the traced graph, and never removes it. ``tf.distribute``'s ``all_reduce`` in Keras's train
+    step is one, so every ``model.fit`` trace kept its whole train graph alive for the life of the process
+    (InceptionResNetV2's QAT train graph: 35k ops). Only for work whose graphs are not differentiated again after it
+    (a finished ``fit``: a later one traces anew)."""
+    from tensorflow.python.framework import ops as _ops
+
+    registry = _ops.gradient_registry._registry
+    before = set(registry)
+    try:
+        yield
+    finally:
+        for name in set(registry) - before:
+            if name.startswith("CustomGradient-"):
+                del registry[name]
 
 
 def keras3():
