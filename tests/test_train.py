@@ -493,3 +493,29 @@ def test_fit_frees_its_train_graph_which_keras_alone_keeps_for_the_models_life(d
     before = model.evaluate(x, y, verbose=0)
     fit(model, *digits, epochs=1, verbose=0)  # traces again and trains on
     assert model.evaluate(x, y, verbose=0)[0] < before[0]
+
+
+class _ValAccuracies(keras.callbacks.Callback):
+    """Reports the given VAL accuracy for each epoch and keeps each epoch's weights."""
+
+    def __init__(self, accuracies):
+        super().__init__()
+        self.accuracies, self.weights = accuracies, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_accuracy"] = self.accuracies[epoch]
+        self.weights.append(self.model.get_weights())
+
+
+@pytest.mark.parametrize("accuracies", [(0.3, 0.5), (0.5, 0.3)])
+def test_best_epoch_is_restored_and_no_copy_is_held_when_it_is_the_last(digits, accuracies):
+    from kcompress.train import KeepBestEpoch, fit
+    from kcompress.zoo import digits_cnn
+
+    model, keep, vals = digits_cnn(width=8), KeepBestEpoch(), _ValAccuracies(accuracies)
+    fit(model, *digits, epochs=2, lr=0.02, verbose=0, callbacks=[vals, keep], restore_best=False)
+    best = int(np.argmax(accuracies))
+    assert keep.best_epoch == best + 1
+    assert (keep.weights is None) == (best == 1)  # the last epoch's weights are the model's own: no copy
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), vals.weights[best]))
+    assert not all(np.array_equal(a, b) for a, b in zip(vals.weights[0], vals.weights[1]))

@@ -231,11 +231,11 @@ class _BestAfterRamp(keras.callbacks.Callback):
         self.rank, self.weights = None, None
 
     def on_epoch_end(self, epoch, logs=None):
-        from kcompress.train import epoch_rank, ranks_above
+        from kcompress.train import epoch_rank, ranks_above, weights_unless_last
 
         rank = epoch_rank(logs)
         if (epoch + 1) * self.spe >= self.ramp_end and ranks_above(rank, self.rank):
-            self.rank, self.weights = rank, self.model.get_weights()
+            self.rank, self.weights = rank, weights_unless_last(self, epoch)
 
     def on_train_end(self, logs=None):
         if self.weights is not None:
@@ -271,7 +271,7 @@ def prune_magnitude(
     if nested and log is not None:
         log(nested.describe())
     skipped = resolve_skip(model, options.skip)
-    base = copy_model(model)
+    base = model if nested else copy_model(model)  # flattening already copied every layer with its weights
     candidates = prunable_layers(base)
     dense = _dense_left(base, candidates)
     if dense and log is not None:
