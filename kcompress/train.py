@@ -27,8 +27,8 @@ __all__ = ["fit", "strategy", "in_scope", "copy_into_scope", "compile_classifier
 _TRACED = ("train_function", "train_tf_function", "test_function", "predict_function")
 
 
-def release_traced_functions(model) -> int:
-    """Drops the model's cached fit/evaluate/predict ``tf.function`` s so their graphs can be freed; returns how many.
+def release_traced_functions(model) -> None:
+    """Drops the model's cached fit/evaluate/predict ``tf.function`` s so their graphs can be freed.
 
     Gotcha: tf_keras tracks each of them as a checkpoint dependency of the model when it caches it, and
     ``compile`` (``_reset_compile_cache``) later sets the attribute to ``None`` without untracking it, so the
@@ -43,7 +43,6 @@ def release_traced_functions(model) -> int:
         del counts[f]
     for name in _TRACED:
         model._delete_tracking(name)
-    return len(stale)
 
 
 @tf.__internal__.tracking.no_automatic_dependency_tracking

@@ -35,6 +35,7 @@ def main(argv=None) -> int:
 
     import kcompress as kc
     from kcompress.backend import keras
+    from kcompress.bench.host import peak_rss_mb
     from kcompress.data import Preprocess
     from kcompress.train import fit
     from kcompress.zoo import mobilenetv2, resnet_cifar
@@ -57,10 +58,8 @@ def main(argv=None) -> int:
             keras.utils.set_random_seed(0)
             model, cb = build(), EpochTimes()
             fit(model, data, epochs=args.epochs, batch_size=args.batch_size, verbose=0, callbacks=[cb])
-            with open("/proc/self/status") as f:
-                hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2**20
             print(f"{name} ({env}): s/epoch after the first {[round(t, 2) for t in cb.times[1:]]}, "
-                  f"peak {hwm:.2f} GiB", flush=True)
+                  f"peak {peak_rss_mb() / 1024:.2f} GiB", flush=True)
     return 0
 
 
